@@ -1,0 +1,15 @@
+"""Plain Llama model and its named sizes. Knows nothing about quantization."""
+
+from models.llama import Llama, LlamaConfig, flops_per_token
+from models.sizes import MODEL_SIZES, ModelSize, llama_config, non_embedding_params, token_budget
+
+__all__ = [
+    "Llama",
+    "LlamaConfig",
+    "MODEL_SIZES",
+    "ModelSize",
+    "flops_per_token",
+    "llama_config",
+    "non_embedding_params",
+    "token_budget",
+]

@@ -1,0 +1,292 @@
+"""A plain Llama-style decoder: RMSNorm, RoPE, (grouped-query) attention, SwiGLU.
+
+This file knows nothing about quantization. Every matmul that QAT may quantize
+is an ordinary `nn.Linear` submodule called as a module, so a converter can swap
+it after the model is built (see the attribute names below; the rest of the
+project relies on them):
+
+    embed                      nn.Embedding
+    layers.{i}.attn_norm       RMSNorm
+    layers.{i}.attn.qkv        nn.Linear  d -> (n_head + 2*n_kv_head) * head_dim
+    layers.{i}.attn.proj       nn.Linear  d -> d
+    layers.{i}.mlp_norm        RMSNorm
+    layers.{i}.mlp.gate        nn.Linear  d -> hidden
+    layers.{i}.mlp.up          nn.Linear  d -> hidden
+    layers.{i}.mlp.down        nn.Linear  hidden -> d
+    norm                       RMSNorm
+    lm_head                    nn.Linear  d -> vocab   (shares embed.weight if tied)
+
+Architecture and initialisation follow the QuEST training code: pre-norm
+residual blocks, no biases, untied embeddings by default, N(0, 0.02) weights with
+the residual output projections scaled down by 1/sqrt(2 * n_layer).
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def _is_positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _is_positive_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int
+    n_layer: int
+    d_model: int
+    n_head: int
+    n_kv_head: int | None = None  # None = n_head (plain multi-head attention)
+    multiple_of: int = 256  # the SwiGLU hidden size is rounded up to a multiple of this
+    ffn_hidden: int | None = None  # None = QuEST's rule, see `ffn_dim`
+    max_seq_len: int = 2048
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "n_layer", "d_model", "n_head", "multiple_of", "max_seq_len"):
+            if not _is_positive_int(getattr(self, name)):
+                raise ValueError(f"{name}={getattr(self, name)!r}: must be a positive int")
+        for name in ("n_kv_head", "ffn_hidden"):
+            value = getattr(self, name)
+            if value is not None and not _is_positive_int(value):
+                raise ValueError(f"{name}={value!r}: must be a positive int or None")
+        for name in ("rope_theta", "norm_eps", "init_std"):
+            if not _is_positive_number(getattr(self, name)):
+                raise ValueError(f"{name}={getattr(self, name)!r}: must be a positive number")
+        if not isinstance(self.tie_embeddings, bool):
+            raise ValueError(f"tie_embeddings={self.tie_embeddings!r}: must be True or False")
+        if self.d_model % self.n_head != 0:
+            raise ValueError(
+                f"d_model={self.d_model} is not divisible by n_head={self.n_head}: "
+                "d_model must be a multiple of n_head"
+            )
+        if self.head_dim % 2 != 0:
+            raise ValueError(
+                f"d_model / n_head = {self.head_dim} is odd: RoPE rotates pairs of dims, "
+                "so d_model must be an even multiple of n_head"
+            )
+        if self.n_head % self.kv_heads != 0:
+            raise ValueError(
+                f"n_kv_head={self.n_kv_head} does not divide n_head={self.n_head}: "
+                "allowed are the divisors of n_head, or None"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        """`n_kv_head` resolved: the number of key/value heads actually built."""
+        return self.n_head if self.n_kv_head is None else self.n_kv_head
+
+    @property
+    def ffn_dim(self) -> int:
+        """`ffn_hidden` resolved. Default: 2/3 of the classic 4*d (so SwiGLU's three
+        matrices cost about what a 4*d GELU MLP costs), rounded up to `multiple_of`."""
+        if self.ffn_hidden is not None:
+            return self.ffn_hidden
+        return self.multiple_of * math.ceil(int(2 * 4 * self.d_model / 3) / self.multiple_of)
+
+
+class RMSNorm(nn.Module):
+    """x * rsqrt(mean(x^2) + eps) * w, in fp32 (bf16 loses the mean of squares), cast back."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return (normed * self.weight.float()).to(x.dtype)
+
+
+def rope_table(seq_len: int, head_dim: int, theta: float, device: torch.device) -> torch.Tensor:
+    """cos/sin of the rotation angles: [seq_len, head_dim/2, 2] (last dim = (cos, sin)), fp32.
+
+    Pair i of a head (dims 2i, 2i+1) turns by angle t * theta^(-2i/head_dim) at position t.
+    Angles are formed in float64 on the CPU and only then cast: at t ~ 2000 an fp32
+    angle is off by ~1e-4 rad. The table is tiny and built once per length and device.
+    """
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv_freq)  # [T, hd/2]
+    table = torch.stack((angles.cos(), angles.sin()), dim=-1)  # [T, hd/2, 2]
+    return table.to(device=device, dtype=torch.float32)
+
+
+def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) of x: [B, T, H, hd] by table: [T, hd/2, 2].
+
+    Equivalent to multiplying the complex number x[2i] + j*x[2i+1] by exp(j * angle).
+    Done in fp32 and cast back to x's dtype.
+    """
+    pairs = x.float().unflatten(-1, (-1, 2))  # [B, T, H, hd/2, 2]
+    x0, x1 = pairs[..., 0], pairs[..., 1]  # [B, T, H, hd/2]
+    cos = table[:, None, :, 0]  # [T, 1, hd/2], broadcasts over batch and heads
+    sin = table[:, None, :, 1]
+    rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return rotated.flatten(-2).to(x.dtype)  # [B, T, H, hd]
+
+
+class Attention(nn.Module):
+    """Causal self-attention with RoPE; grouped-query when n_kv_head < n_head."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.n_kv_head = cfg.kv_heads
+        self.head_dim = cfg.head_dim
+        # One fused matmul for q, k and v: one large GEMM instead of three small ones.
+        self.qkv = nn.Linear(cfg.d_model, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=False)
+        self.proj = nn.Linear(self.n_head * self.head_dim, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q_size = self.n_head * self.head_dim
+        kv_size = self.n_kv_head * self.head_dim
+        q, k, v = self.qkv(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = apply_rope(q.view(B, T, self.n_head, self.head_dim), rope)  # [B, T, H, hd]
+        k = apply_rope(k.view(B, T, self.n_kv_head, self.head_dim), rope)  # [B, T, Hkv, hd]
+        v = v.view(B, T, self.n_kv_head, self.head_dim)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, T, hd]
+        if self.n_kv_head != self.n_head:
+            # Query head h reads kv head h // (n_head / n_kv_head). Explicit repeat instead
+            # of SDPA's enable_gqa, which torch 2.4 lacks. Depends only on the config,
+            # so torch.compile sees a fixed branch.
+            group = self.n_head // self.n_kv_head
+            k = k.repeat_interleave(group, dim=1)  # [B, H, T, hd]
+            v = v.repeat_interleave(group, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, T, hd]
+        y = y.transpose(1, 2).reshape(B, T, q_size)  # [B, T, H * hd]
+        return self.proj(y)
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        hidden = cfg.ffn_dim
+        self.gate = nn.Linear(cfg.d_model, hidden, bias=False)
+        self.up = nn.Linear(cfg.d_model, hidden, bias=False)
+        self.down = nn.Linear(hidden, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), rope)
+        x = x + self.mlp(self.mlp_norm(x))
+        return x
+
+
+class Llama(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        # RoPE cos/sin, built on first use on the input's device (nothing is computed
+        # at construction, so building on the meta device and `to_empty` stay cheap
+        # and correct). Non-persistent: derived from the config, never checkpointed.
+        self.register_buffer("rope_cache", torch.empty(0), persistent=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """QuEST init. Call again after `to_empty()` when the model was built on meta."""
+        std = self.cfg.init_std
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)  # a tied weight is drawn twice; harmless
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+        # The two projections that write into the residual stream: 2 per layer add up,
+        # so shrink them to keep the residual's variance independent of depth (GPT-2).
+        residual_std = std / math.sqrt(2 * self.cfg.n_layer)
+        for block in self.layers:
+            nn.init.normal_(block.attn.proj.weight, mean=0.0, std=residual_std)
+            nn.init.normal_(block.mlp.down.weight, mean=0.0, std=residual_std)
+        self.rope_cache = torch.empty(0, device=self.embed.weight.device)
+
+    def _rope(self, seq_len: int, device: torch.device) -> torch.Tensor:
+        """[seq_len, head_dim/2, 2] cos/sin, rebuilt only when the cached one is too
+        short, on another device, or was cast by `model.to(dtype)`. These checks read
+        shapes/devices only, so torch.compile turns them into guards."""
+        cache = self.rope_cache
+        if cache.size(0) < seq_len or cache.device != device or cache.dtype != torch.float32:
+            cache = rope_table(seq_len, self.cfg.head_dim, self.cfg.rope_theta, device)
+            self.rope_cache = cache
+        return cache[:seq_len]
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """idx: LongTensor [B, T] -> logits [B, T, vocab] (no loss; the trainer computes it)."""
+        B, T = idx.shape
+        if T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds max_seq_len={self.cfg.max_seq_len}")
+        rope = self._rope(T, idx.device)  # [T, hd/2, 2]
+        x = self.embed(idx)  # [B, T, d]
+        for block in self.layers:
+            x = block(x, rope)
+        return self.lm_head(self.norm(x))  # [B, T, vocab]
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count; a tied weight is counted once. `non_embedding=True` drops the
+        embedding and lm_head matrices but keeps the norms: the N of the scaling laws."""
+        total = sum(p.numel() for p in self.parameters())  # parameters() de-duplicates ties
+        if not non_embedding:
+            return total
+        embedding_weights = {id(self.embed.weight): self.embed.weight, id(self.lm_head.weight): self.lm_head.weight}
+        return total - sum(w.numel() for w in embedding_weights.values())
+
+
+def flops_per_token(cfg: LlamaConfig, seq_len: int) -> float:
+    """Analytic TRAINING FLOPs per token (forward + backward), for MFU.
+
+        forward = 2 * P_matmul + 2 * n_layer * d_model * (seq_len + 1)
+        train   = 3 * forward            (backward = 2x forward: grads w.r.t. inputs and weights)
+
+    P_matmul counts every weight used in a matmul, lm_head included (also when tied to the
+    embedding; the embedding lookup itself is free):
+        n_layer * (d * (n_head + 2*n_kv_head) * head_dim + d*d + 3 * d * hidden) + d * vocab.
+    Attention: q.k^T and attn.v each cost 2 * d_model FLOPs per (query, key) pair and layer.
+    We count only the pairs a causal mask keeps, i.e. on average (seq_len + 1) / 2 keys per
+    query, because causal SDPA kernels (flash / memory-efficient) skip the masked half:
+        2 (matmuls) * 2 * d_model * (seq_len + 1) / 2 = 2 * d_model * (seq_len + 1) per layer.
+    (nanoGPT/PaLM count all seq_len keys, which gives ~2x this attention term.)
+    Norms, RoPE, softmax and the SwiGLU product are elementwise and left out.
+    """
+    if not _is_positive_int(seq_len):
+        raise ValueError(f"seq_len={seq_len!r}: must be a positive int")
+    d, hidden = cfg.d_model, cfg.ffn_dim
+    per_layer = d * (cfg.n_head + 2 * cfg.kv_heads) * cfg.head_dim + d * d + 3 * d * hidden
+    matmul_params = cfg.n_layer * per_layer + d * cfg.vocab_size
+    attention = 2 * cfg.n_layer * d * (seq_len + 1)
+    return 3.0 * (2 * matmul_params + attention)

@@ -1,0 +1,154 @@
+"""`QuantizerConfig`: the typed schema of one fake quantizer.
+
+A quantizer is a composition: rotation -> scale fit -> grid rounding, with a gradient
+estimator for the backward pass (and optional 2:4 sparsity). Every field picks one small
+function; nothing here is a code path of its own. Hydra YAML holds the values
+(`configs/quant/*.yaml`); this dataclass validates them so that an impossible
+combination fails at construction, naming the field and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+ROTATIONS = ("none", "hadamard")
+SCALES = ("rms_mse", "absmax", "mse_search", "lsq")
+GRIDS = ("int", "int_zero", "gaussian", "fp4")
+ESTIMATORS = ("trust", "ste", "clip", "lsq", "pact")
+SPARSITIES = ("none", "2:4")
+BACKENDS = ("auto", "torch", "triton")
+TERNARY_BITS = 1.58  # log2(3): three levels {-s, 0, +s}
+NO_QUANT_BITS = 16
+ALLOWED_BITS = "1..8, 1.58 (ternary) or 16 (no quantization)"
+# Estimators whose backward trains the scale; they need a learnable scale and vice versa.
+LEARNABLE_SCALE_ESTIMATORS = ("lsq", "pact")
+
+
+def _choice(field: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{field}={value!r} is not allowed; choose one of {', '.join(map(repr, allowed))}")
+
+
+def parse_bits(value: Any) -> int | float:
+    """Normalise a bit-width: ints 1..8 and 16 stay ints, 1.58 means ternary."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"bits={value!r} is not allowed; use {ALLOWED_BITS}")
+    if math.isclose(value, TERNARY_BITS, abs_tol=5e-3):
+        return TERNARY_BITS
+    if float(value).is_integer() and (1 <= value <= 8 or value == NO_QUANT_BITS):
+        return int(value)
+    raise ValueError(f"bits={value!r} is not allowed; use {ALLOWED_BITS}")
+
+
+def n_levels(bits: int | float) -> int:
+    """Number of grid levels a bit-width allows (3 for ternary)."""
+    bits = parse_bits(bits)
+    return 3 if bits == TERNARY_BITS else 2 ** int(bits)
+
+
+def _is_power_of_two(n: int) -> bool:
+    return n >= 1 and n & (n - 1) == 0
+
+
+@dataclass
+class QuantizerConfig:
+    """One fake quantizer. The defaults are QuEST's 4-bit quantizer.
+
+    bits: 1..8, 1.58 (ternary {-s, 0, s}) or 16 (no quantization; the rotation, if any,
+        still applies, so a 16-bit Hadamard layer is an exact reparametrisation).
+    rotation: "none" | "hadamard" (block Walsh-Hadamard along the last dim).
+    hadamard_block: power of two >= 2, or "full" (whole last dim, which must be a power of two).
+    scale: "rms_mse" (c(bits)*RMS, MSE-optimal for a Gaussian) | "absmax" | "mse_search"
+        (per-row search of the clip ratio minimising the actual squared error) | "lsq"
+        (one learnable scale per tensor, initialised to c(bits)*RMS on the first batch).
+    grid: "int" (QuEST: n uniform levels spanning [-s, s], no zero for even n) | "int_zero"
+        (symmetric with a zero level, 2*floor((n-1)/2)+1 levels) | "gaussian" (Lloyd-Max
+        levels of N(0,1)) | "fp4" (e2m1 values; bits must be 4).
+    estimator: "trust" | "ste" | "clip" | "lsq" | "pact".
+    trust: trust radius in RMS units; None = half the outermost grid step (QuEST's default).
+    clip_scale: the clip estimator passes gradients where |x| <= clip_scale * s.
+    granularity: "row" (one scale per row of the last dim) or a group size dividing it.
+    sparsity: "none" | "2:4" (keep the 2 largest magnitudes of every 4, after the rotation).
+    backend: "auto" (Triton on CUDA when the combination is supported) | "torch" | "triton".
+    """
+
+    bits: int | float = 4
+    rotation: str = "hadamard"
+    hadamard_block: int | str = 128
+    scale: str = "rms_mse"
+    grid: str = "int"
+    estimator: str = "trust"
+    trust: float | None = None
+    clip_scale: float = 1.0
+    granularity: int | str = "row"
+    sparsity: str = "none"
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        self.bits = parse_bits(self.bits)
+        _choice("rotation", self.rotation, ROTATIONS)
+        _choice("scale", self.scale, SCALES)
+        _choice("grid", self.grid, GRIDS)
+        _choice("estimator", self.estimator, ESTIMATORS)
+        _choice("sparsity", self.sparsity, SPARSITIES)
+        _choice("backend", self.backend, BACKENDS)
+        block = self.hadamard_block
+        if block != "full" and (isinstance(block, bool) or not isinstance(block, int) or block < 2 or not _is_power_of_two(block)):
+            raise ValueError(f"hadamard_block={block!r} is not allowed; use a power of two >= 2 or 'full'")
+        gran = self.granularity
+        if gran != "row" and (isinstance(gran, bool) or not isinstance(gran, int) or gran < 1):
+            raise ValueError(f"granularity={gran!r} is not allowed; use 'row' or a positive group size")
+        if self.trust is not None and not (isinstance(self.trust, (int, float)) and self.trust > 0):
+            raise ValueError(f"trust={self.trust!r} is not allowed; use a positive float or None (half a grid step)")
+        if not (isinstance(self.clip_scale, (int, float)) and self.clip_scale > 0):
+            raise ValueError(f"clip_scale={self.clip_scale!r} is not allowed; use a positive float")
+        if not self.enabled:
+            return
+        if self.grid == "fp4" and self.bits != 4:
+            raise ValueError(f"bits={self.bits!r} is not allowed with grid='fp4'; fp4 (e2m1) has bits=4")
+        if self.grid == "int_zero" and self.bits == 1:
+            raise ValueError("bits=1 is not allowed with grid='int_zero'; a zero level needs at least 3 levels (bits >= 1.58)")
+        learnable = self.scale == "lsq"
+        if self.estimator in LEARNABLE_SCALE_ESTIMATORS and not learnable:
+            raise ValueError(f"estimator={self.estimator!r} trains the scale; it needs scale='lsq', got scale={self.scale!r}")
+        if learnable and self.estimator not in LEARNABLE_SCALE_ESTIMATORS:
+            raise ValueError(
+                f"scale='lsq' is learnable but estimator={self.estimator!r} gives it no gradient; use estimator 'lsq' or 'pact'"
+            )
+        if learnable and gran != "row":
+            raise ValueError(f"granularity={gran!r} is not allowed with scale='lsq' (one learnable scale per tensor); use 'row'")
+
+    @property
+    def enabled(self) -> bool:
+        """False for bits=16: values pass unquantized (after the rotation, if any)."""
+        return self.bits != NO_QUANT_BITS
+
+    @property
+    def learnable_scale(self) -> bool:
+        return self.enabled and self.scale == "lsq"
+
+    def block_for(self, dim: int) -> int:
+        """The Hadamard block for a last dim of size `dim` ('full' resolved)."""
+        return dim if self.hadamard_block == "full" else int(self.hadamard_block)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain container (checkpoints load with torch.load(weights_only=True))."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any] | QuantizerConfig | None) -> QuantizerConfig:
+        """Build from a dict / DictConfig, rejecting unknown keys by name."""
+        if values is None:
+            return cls(bits=NO_QUANT_BITS, rotation="none")
+        if isinstance(values, cls):
+            return values
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = dict(values)
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown quantizer field {unknown[0]!r}; allowed: {', '.join(sorted(known))}")
+        return cls(**values)

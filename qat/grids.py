@@ -1,0 +1,101 @@
+"""Quantization grids: level sets in units of the scale s, and rounding to them.
+
+Every grid is a sorted set of unit levels spanning [-1, 1]; a row with scale s (the
+half-range) is quantized to s * levels. Uniform grids round arithmetically (one formula
+for "int" and "int_zero", which differ only in where the centre sits); non-uniform grids
+("gaussian", "fp4") round by bucketing at the midpoints. Integer codes index the levels,
+0 .. len(levels) - 1, so the fake-quant values are recoverable as s * levels[code].
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from qat.config import QuantizerConfig, n_levels
+from qat.gaussian import fit_level_scale, gaussian_levels
+
+# e2m1 magnitudes: 0, 0.5, 1, 1.5, 2, 3, 4, 6 (sign bit separate; +0 and -0 are one level).
+_E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A level set in units of s. `center` (steps from 0 to +-1) is set for uniform grids."""
+
+    name: str
+    levels: tuple[float, ...]
+    center: float | None
+
+    @property
+    def uniform(self) -> bool:
+        return self.center is not None
+
+    @property
+    def size(self) -> int:
+        return len(self.levels)
+
+    @property
+    def outer_step(self) -> float:
+        """Gap between the two outermost levels, in units of s."""
+        return self.levels[-1] - self.levels[-2]
+
+
+@functools.cache
+def make_grid(bits: int | float, grid: str = "int") -> Grid:
+    """The unit level set of `grid` at `bits` (validated through QuantizerConfig)."""
+    QuantizerConfig(bits=bits, grid=grid, rotation="none")  # one place for the rules
+    n = n_levels(bits)
+    if grid == "int":
+        # n points spanning [-1, 1]: +-(k + 1/2) * step for even n (QuEST's grid, no zero).
+        center = (n - 1) / 2
+    elif grid == "int_zero":
+        # symmetric with zero: k * step, |k| <= floor((n - 1) / 2), e.g. [-7, 7] at 4 bits.
+        center = float((n - 1) // 2)
+    else:
+        raw = gaussian_levels(bits) if grid == "gaussian" else np.array(sorted({-v for v in _E2M1} | set(_E2M1)))
+        return Grid(grid, tuple((raw / raw[-1]).tolist()), None)
+    levels = (np.arange(2 * center + 1) - center) / center
+    return Grid(grid, tuple(levels.tolist()), center)
+
+
+def optimal_gaussian_scale(bits: int | float, grid: str = "int") -> float:
+    """c(bits): the s/sigma minimising E[(X - Q(X))^2] for X ~ N(0, 1) on this grid.
+
+    Derived numerically from closed-form cell integrals and a 1-D minimiser (cached). For
+    1 bit on the int grid it is E|X| = sqrt(2/pi); for the Lloyd-Max grid it is its
+    outermost level (those levels are already MSE-optimal).
+    """
+    return fit_level_scale(make_grid(bits, grid).levels)
+
+
+def default_trust(bits: int | float, grid: str = "int") -> float:
+    """QuEST's trust radius in RMS units: half the outermost grid step at the optimal scale."""
+    g = make_grid(bits, grid)
+    return optimal_gaussian_scale(bits, grid) * g.outer_step / 2
+
+
+@functools.cache
+def _levels_tensor(levels: tuple[float, ...], device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    values = torch.tensor(levels, dtype=dtype, device=device)
+    return values, (values[1:] + values[:-1]) / 2
+
+
+def round_to_grid(x: torch.Tensor, scale: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest-level rounding of `x` (fp32 or fp64) to scale * grid.levels (values beyond +-scale clip).
+
+    scale broadcasts against x (one per row or group). Returns (q, codes) with q in x's dtype and
+    integer codes in [0, grid.size). Rounds half up, the same in the Triton kernels.
+    """
+    t = x / scale
+    if grid.uniform:
+        c = grid.center
+        codes = torch.floor(t.clamp(-1.0, 1.0) * c + (c + 0.5))
+        q = (codes - c) * (scale / c)
+        return q, codes.to(torch.int32)
+    values, midpoints = _levels_tensor(grid.levels, x.device, x.dtype)
+    codes = torch.bucketize(t.contiguous(), midpoints)
+    return values[codes] * scale, codes.to(torch.int32)

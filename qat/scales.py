@@ -1,0 +1,58 @@
+"""Scale fits: the half-range s of each row (or group), computed without gradient.
+
+The learnable "lsq" scale is a parameter of `Quantizer`, initialised from `fit_scale_mse`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from qat.grids import Grid, optimal_gaussian_scale, round_to_grid
+
+_TINY = 1e-12  # keeps all-zero rows finite (they quantize to the smallest levels, times ~0)
+MSE_SEARCH_POINTS = 100
+
+ScaleFit = Callable[[torch.Tensor, torch.Tensor, Grid, float], torch.Tensor]
+SCALE_FITS: dict[str, ScaleFit] = {}
+
+
+def register_scale(name: str) -> Callable[[ScaleFit], ScaleFit]:
+    def add(fn: ScaleFit) -> ScaleFit:
+        SCALE_FITS[name] = fn
+        return fn
+
+    return add
+
+
+def row_rms(x: torch.Tensor) -> torch.Tensor:
+    """sqrt(mean(x^2)) over the last dim (not mean-centred, as QuEST), clamped away from 0."""
+    return x.square().mean(dim=-1, keepdim=True).sqrt().clamp_min(_TINY)
+
+
+@register_scale("rms_mse")
+def fit_scale_mse(x: torch.Tensor, rms: torch.Tensor, grid: Grid, bits: float) -> torch.Tensor:
+    """c(bits) * RMS: MSE-optimal if the row is Gaussian (which the Hadamard rotation makes it)."""
+    return optimal_gaussian_scale(bits, grid.name) * rms
+
+
+@register_scale("absmax")
+def fit_scale_absmax(x: torch.Tensor, rms: torch.Tensor, grid: Grid, bits: float) -> torch.Tensor:
+    return x.abs().amax(dim=-1, keepdim=True).clamp_min(_TINY)
+
+
+@register_scale("mse_search")
+def fit_scale_search(x: torch.Tensor, rms: torch.Tensor, grid: Grid, bits: float) -> torch.Tensor:
+    """Per row, the clip ratio r * absmax (r on a 1/MSE_SEARCH_POINTS grid, plus the
+    Gaussian optimum) with the smallest actual squared error."""
+    absmax = fit_scale_absmax(x, rms, grid, bits)
+    best_scale = fit_scale_mse(x, rms, grid, bits)
+    best_err = (round_to_grid(x, best_scale, grid)[0] - x).square().sum(-1, keepdim=True)
+    for i in range(1, MSE_SEARCH_POINTS + 1):
+        scale = absmax * (i / MSE_SEARCH_POINTS)
+        err = (round_to_grid(x, scale, grid)[0] - x).square().sum(-1, keepdim=True)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+    return best_scale

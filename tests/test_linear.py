@@ -1,0 +1,82 @@
+import pytest
+import torch
+from torch import nn
+
+from models import Llama, llama_config
+from qat import QuantizerConfig, QuantLinear, quantize_model, quantizers
+
+W4 = QuantizerConfig(bits=4)
+
+
+def test_sixteen_bits_equals_nn_linear():
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 96)
+    x = torch.randn(5, 7, 256)
+    plain = QuantLinear.from_linear(lin, QuantizerConfig(bits=16, rotation="none"), QuantizerConfig(bits=16, rotation="none"))
+    assert torch.equal(plain(x), lin(x))
+    rotated = QuantLinear.from_linear(lin, QuantizerConfig(bits=16), QuantizerConfig(bits=16))
+    assert torch.allclose(rotated(x), lin(x), atol=5e-6, rtol=0)  # (xH)(WH)^T = x W^T, fp32 rounding
+
+
+def test_from_linear_shares_parameters_and_to_linear_round_trips():
+    lin = nn.Linear(128, 64)
+    q = QuantLinear.from_linear(lin, W4, W4)
+    assert q.weight is lin.weight and q.bias is lin.bias
+    back = q.to_linear()
+    assert type(back) is nn.Linear and back.weight is lin.weight
+    assert set(q.state_dict()) == {"weight", "bias"}  # quantizers add no state (non-LSQ)
+
+
+def test_w4a4_matches_quantize_then_matmul_in_rotated_basis():
+    torch.manual_seed(1)
+    lin = nn.Linear(256, 32, bias=False)
+    x = torch.randn(4, 256)
+    q = QuantLinear.from_linear(lin, W4, W4)
+    from qat import Quantizer
+
+    manual = Quantizer(W4)(x) @ Quantizer(W4)(lin.weight).T
+    assert torch.equal(q(x), manual)
+    rel = (q(x) - lin(x)).norm() / lin(x).norm()
+    assert 0.05 < rel < 0.25  # 4-bit on both sides: a ~0.11 relative error per operand
+
+
+def test_mismatched_rotation_is_rejected():
+    with pytest.raises(ValueError, match="must match"):
+        QuantLinear(128, 8, weight_config=W4, input_config=QuantizerConfig(bits=16, rotation="none"))
+
+
+def test_quantize_model_swaps_exactly_the_block_linears():
+    model = Llama(llama_config("debug", vocab_size=64))
+    names = quantize_model(model, weight=W4, activation=W4)
+    expected = [f"layers.{i}.{m}" for i in range(2) for m in ("attn.qkv", "attn.proj", "mlp.gate", "mlp.up", "mlp.down")]
+    assert names == expected
+    assert type(model.lm_head) is nn.Linear and type(model.embed) is nn.Embedding
+    assert all(isinstance(model.get_submodule(n), QuantLinear) for n in names)
+    assert len(quantizers(model)) == 2 * len(names)
+    assert quantize_model(model, weight=W4, activation=W4) == []  # idempotent
+
+
+def test_quantize_model_filter_and_plain_equivalence():
+    torch.manual_seed(2)
+    model = Llama(llama_config("debug", vocab_size=64))
+    idx = torch.randint(0, 64, (2, 16))
+    ref = model(idx)
+    names = quantize_model(model, {"bits": 16}, {"bits": 16}, filter_fn=lambda m, n: n.endswith("mlp.down"))
+    assert names == ["layers.0.mlp.down", "layers.1.mlp.down"]
+    assert torch.allclose(model(idx), ref, atol=1e-5)
+
+
+def test_quantized_model_trains():
+    torch.manual_seed(3)
+    model = Llama(llama_config("debug", vocab_size=32))
+    quantize_model(model, W4, W4)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    idx = torch.randint(0, 32, (4, 33))
+    losses = []
+    for _ in range(25):
+        loss = nn.functional.cross_entropy(model(idx[:, :-1]).flatten(0, 1), idx[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
