@@ -1,0 +1,42 @@
+"""AdamW parameter groups: decay only the matmul weights of the transformer blocks.
+
+QuEST (and most LLM recipes) exempt norms, biases, embeddings and the output head. The
+learnable quantizer scales (LSQ/PACT) are exempt too: decaying a step size biases it to
+zero, which is a different method, not a regulariser.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+NO_DECAY_MODULES = (nn.Embedding,)
+NO_DECAY_NAMES = ("lm_head",)
+
+
+def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """[{params: decayed, weight_decay}, {params: the rest, weight_decay: 0}]."""
+    decay, no_decay, seen = [], [], set()
+    for module_name, module in model.named_modules():
+        for name, param in module.named_parameters(recurse=False):
+            if id(param) in seen or not param.requires_grad:
+                continue
+            seen.add(id(param))
+            exempt = (
+                isinstance(module, NO_DECAY_MODULES)
+                or module_name.rsplit(".", 1)[-1] in NO_DECAY_NAMES
+                or param.ndim < 2
+            )
+            (no_decay if exempt else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, optimizer: Callable[..., torch.optim.Optimizer], weight_decay: float) -> torch.optim.Optimizer:
+    """optimizer: a partial (e.g. AdamW with lr and betas) taking parameter groups."""
+    return optimizer(decay_groups(model, weight_decay))
+
+
+def count(groups: Iterable[dict]) -> list[int]:
+    return [sum(p.numel() for p in g["params"]) for g in groups]

@@ -1,0 +1,34 @@
+"""Precision keys: the name a run's number format goes by in result tables and fits.
+
+`w4a4` (QuEST INT4 with Hadamard), `bf16`, `w4a16` (weight-only), `fp4`, `2:4`, with a
+suffix for anything that changes the method at the same bit-width (`-nohad`, `-ste`, ...),
+so that one eff(P) is fitted per (format, method).
+"""
+
+from __future__ import annotations
+
+from qat.config import QuantizerConfig
+
+
+def format_bits(bits: float) -> str:
+    return str(int(bits)) if float(bits).is_integer() else f"{bits:g}"
+
+
+def precision_key(weight: QuantizerConfig, activation: QuantizerConfig) -> str:
+    if not weight.enabled and not activation.enabled and weight.sparsity == "none":
+        return "bf16"
+    if weight.sparsity == "2:4":
+        base = "2:4"
+    elif weight.grid == "fp4":
+        base = "fp4"
+    else:
+        base = f"w{format_bits(weight.bits)}a{format_bits(activation.bits)}"
+    quantized = weight if weight.enabled else activation
+    suffix = ""
+    if quantized.rotation == "none":
+        suffix += "-nohad"
+    if quantized.grid not in ("int", "fp4"):
+        suffix += f"-{quantized.grid}"
+    if quantized.estimator in ("ste", "lsq", "pact"):
+        suffix += f"-{quantized.estimator}"
+    return base + suffix

@@ -1,0 +1,62 @@
+"""Learning-rate schedules as pure multiplier functions of the optimizer step.
+
+Wrapped in LambdaLR by `lr_scheduler`; the functions are plain so they can be tested
+and plotted without an optimizer.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+
+import torch
+
+
+def _cosine_ramp(frac: float, start: float, end: float) -> float:
+    """Cosine interpolation from start (frac=0) to end (frac=1)."""
+    return end + (start - end) * 0.5 * (1 + math.cos(math.pi * min(max(frac, 0.0), 1.0)))
+
+
+def cosine_with_warmup(step: int, total_steps: int, warmup_fraction: float = 0.1, initial_div: float = 100.0, final_div: float = 10.0) -> float:
+    """QuEST's OneCycle schedule: cosine warm-up from lr/initial_div to lr over the first
+    warmup_fraction of the steps, then cosine decay to lr/final_div at the last step."""
+    warmup = max(1, round(warmup_fraction * total_steps))
+    if step < warmup:
+        return _cosine_ramp(step / warmup, 1.0 / initial_div, 1.0)
+    return _cosine_ramp((step - warmup) / max(1, total_steps - warmup), 1.0, 1.0 / final_div)
+
+
+def warmup_stable_decay(
+    step: int, total_steps: int, warmup_fraction: float = 0.1, decay_fraction: float = 0.2, initial_div: float = 100.0, final_scale: float = 0.0
+) -> float:
+    """Linear warm-up from lr/initial_div, constant lr, then linear decay to lr*final_scale
+    over the last decay_fraction of the steps."""
+    warmup = max(1, round(warmup_fraction * total_steps))
+    decay_start = total_steps - round(decay_fraction * total_steps)
+    if step < warmup:
+        return 1.0 / initial_div + (1.0 - 1.0 / initial_div) * step / warmup
+    if step < decay_start:
+        return 1.0
+    return 1.0 + (final_scale - 1.0) * min(1.0, (step - decay_start) / max(1, total_steps - decay_start))
+
+
+def constant(step: int, total_steps: int) -> float:
+    return 1.0
+
+
+SCHEDULES: dict[str, Callable[..., float]] = {
+    "cosine": cosine_with_warmup,
+    "wsd": warmup_stable_decay,
+    "constant": constant,
+}
+
+
+def lr_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, name: str = "cosine", **kwargs: float) -> torch.optim.lr_scheduler.LambdaLR:
+    """LambdaLR stepping once per optimizer step with SCHEDULES[name]."""
+    if name not in SCHEDULES:
+        raise ValueError(f"scheduler.name={name!r} is not allowed; choose one of {', '.join(SCHEDULES)}")
+    if total_steps < 1:
+        raise ValueError(f"total_steps={total_steps} must be >= 1 (set trainer.max_steps)")
+    fn = functools.partial(SCHEDULES[name], total_steps=total_steps, **kwargs)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: fn(step))

@@ -1,0 +1,162 @@
+"""Train a (quantized) Llama: `python train.py [group=option ...] [key=value ...]`.
+
+The lifecycle, in order: data -> plain model -> quantize (convert) -> compile ->
+optimizer/scheduler -> Lightning Trainer -> fit (resuming from the run's last checkpoint)
+-> final validation -> results.json. See README.md for the config groups.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import hydra
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from models import MODEL_SIZES, Llama, flops_per_token, llama_config
+from qat.lit_module import QATModule
+from qat.training import (
+    CHECKPOINT_DIR,
+    LAST_CHECKPOINT,
+    AtomicCheckpointIO,
+    ConfigError,
+    RunRecord,
+    StepRecorder,
+    check_launch,
+    check_positive_int,
+    checkpoint_step,
+    fail,
+    is_completed,
+    last_checkpoint,
+    quantizer_configs,
+    read_results,
+    resolve_max_steps,
+)
+
+
+def train(cfg: DictConfig, run_dir: Path, multirun: bool = False, overrides: list[str] | None = None) -> dict:
+    # 0. Checks that cost nothing: every bad override fails here, before any work.
+    weight_quant, activation_quant = quantizer_configs(cfg)
+    check_launch(cfg, multirun)
+    for key in ("data.seq_len", "data.batch_size", "trainer.accumulate_grad_batches"):
+        check_positive_int(cfg, key, 2 if key == "data.seq_len" else 1)
+    if cfg.model.size not in MODEL_SIZES:
+        raise ConfigError(f"model.size={cfg.model.size!r} is not allowed; choose one of {', '.join(MODEL_SIZES)}")
+    if cfg.skip_completed and is_completed(run_dir):
+        print(f"skipping {run_dir}: results.json says completed")
+        return read_results(run_dir)
+    L.seed_everything(cfg.seed, workers=True)
+
+    # 1. Data: validates its keys now; tokenizes once (cached) in prepare_data.
+    tokenizer = instantiate(cfg.tokenizer)
+    datamodule = instantiate(cfg.data, tokenizer=tokenizer)
+
+    # 2. The plain model (models/ knows nothing about quantization).
+    model_args = OmegaConf.to_container(cfg.model, resolve=True)
+    net_cfg = llama_config(vocab_size=tokenizer.vocab_size, max_seq_len=cfg.data.seq_len, **model_args)
+    net = Llama(net_cfg)
+    n_params = net.num_params(non_embedding=True)
+    max_steps = resolve_max_steps(cfg, n_params)
+
+    # 3. Quantize -> compile -> optimizer/scheduler, in that order, inside the module.
+    lr = cfg.optimizer.lr if cfg.optimizer.lr is not None else MODEL_SIZES[cfg.model.size].peak_lr
+    module = QATModule(
+        net,
+        optimizer=instantiate(cfg.optimizer, lr=lr),
+        scheduler=instantiate(cfg.scheduler),
+        weight_quant=weight_quant,
+        activation_quant=activation_quant,
+        weight_decay=cfg.optimizer.weight_decay,
+        compile=cfg.compile,
+        telemetry_every=cfg.telemetry_every,
+        flops_per_token=flops_per_token(net_cfg, cfg.data.seq_len),
+        extra_checkpoint={"config": OmegaConf.to_container(cfg, resolve=True)},
+    )
+
+    # 4. Trainer, checkpoints every N steps plus last, written atomically.
+    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * cfg.trainer.get("accumulate_grad_batches", 1)
+    every = cfg.checkpoint.every_n_steps
+    trainer = instantiate(
+        cfg.trainer,
+        max_steps=max_steps,
+        logger=instantiate(cfg.logger, save_dir=str(run_dir)),
+        default_root_dir=str(run_dir),
+        plugins=[AtomicCheckpointIO()],
+        callbacks=[
+            ModelCheckpoint(
+                dirpath=run_dir / CHECKPOINT_DIR,
+                filename="step{step:07d}",
+                auto_insert_metric_name=False,
+                every_n_train_steps=every,
+                save_top_k=-1 if cfg.checkpoint.keep_all else 0,
+                save_last=True,
+            ),
+        ],
+    )
+    record = RunRecord(run_dir, cfg, weight_quant, activation_quant, trainer.global_rank, overrides or [])
+    record.update(non_embedding_params=n_params, total_params=net.num_params(non_embedding=False), max_steps=max_steps)
+    trainer.callbacks.append(StepRecorder(record, tokens_per_step, every))
+
+    # 5. Fit (resuming from last.ckpt of this run directory), then a final validation.
+    ckpt = last_checkpoint(run_dir) if cfg.resume else None
+    start_step = checkpoint_step(ckpt) if ckpt else 0
+    if ckpt and trainer.is_global_zero:
+        print(f"resumed from step {start_step} ({ckpt})")
+    record.write("running")
+    try:
+        started = time.perf_counter()
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
+        train_time = time.perf_counter() - started
+        final = run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
+        trainer.save_checkpoint(final, weights_only=False)  # full state, so a longer re-run resumes
+        metrics = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+    except BaseException:
+        record.write("failed")
+        raise
+
+    trained_tokens = (trainer.global_step - start_step) * tokens_per_step
+    record.update(
+        val_loss=float(metrics["val/loss"]),
+        val_ppl=float(metrics["val/ppl"]),
+        step=trainer.global_step,
+        tokens=trainer.global_step * tokens_per_step,
+        tokens_per_s=trained_tokens / train_time if trained_tokens else None,
+        loss_floor=datamodule.loss_floor,
+        unigram_loss=datamodule.unigram_loss,
+        checkpoint=str(final),
+    )
+    record.write("completed")
+    if trainer.is_global_zero:
+        print_summary(record.data)
+    return record.data
+
+
+def print_summary(r: dict) -> None:
+    floor = f"{r['loss_floor']:.4f}" if r.get("loss_floor") is not None else "unknown"
+    unigram = f"{r['unigram_loss']:.4f}" if r.get("unigram_loss") is not None else "unknown"
+    speed = f"{r['tokens_per_s']:.0f}" if r.get("tokens_per_s") else "n/a"
+    print(
+        f"\n=== {r['model']} {r['precision']} ({r['quant_preset']}) after {r['step']} steps, {r['tokens']:,} tokens ===\n"
+        f"val loss {r['val_loss']:.4f} | ppl {r['val_ppl']:.2f} | loss floor {floor} | unigram baseline {unigram}\n"
+        f"tokens/s {speed} | wall time {r['wall_time_s']:.1f} s | checkpoint {r['checkpoint']}\n"
+        f"results {Path(r['run_dir']) / 'results.json'}"
+    )
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="train")
+def main(cfg: DictConfig) -> dict | None:
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    try:
+        return train(cfg, run_dir, multirun=hydra_cfg.mode == RunMode.MULTIRUN, overrides=list(hydra_cfg.overrides.task))
+    except ConfigError as err:
+        fail(str(err))
+
+
+if __name__ == "__main__":
+    main()
