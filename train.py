@@ -7,8 +7,10 @@ optimizer/scheduler -> Lightning Trainer -> fit (resuming from the run's last ch
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import hydra
 import lightning as L
@@ -30,6 +32,7 @@ from qat.training import (
     check_launch,
     check_positive_int,
     checkpoint_step,
+    config_errors,
     fail,
     is_completed,
     last_checkpoint,
@@ -39,8 +42,15 @@ from qat.training import (
 )
 
 
-def train(cfg: DictConfig, run_dir: Path, multirun: bool = False, overrides: list[str] | None = None) -> dict:
-    # 0. Checks that cost nothing: every bad override fails here, before any work.
+class Parts(NamedTuple):
+    module: QATModule
+    datamodule: L.LightningDataModule
+    max_steps: int
+
+
+def build(cfg: DictConfig, run_dir: Path, multirun: bool) -> Parts | None:
+    """Steps 0-3 of the lifecycle; None when the run is already completed and may be skipped."""
+    # 0. Checks that cost nothing.
     weight_quant, activation_quant = quantizer_configs(cfg)
     check_launch(cfg, multirun)
     for key in ("data.seq_len", "data.batch_size", "trainer.accumulate_grad_batches"):
@@ -49,19 +59,20 @@ def train(cfg: DictConfig, run_dir: Path, multirun: bool = False, overrides: lis
         raise ConfigError(f"model.size={cfg.model.size!r} is not allowed; choose one of {', '.join(MODEL_SIZES)}")
     if cfg.skip_completed and is_completed(run_dir):
         print(f"skipping {run_dir}: results.json says completed")
-        return read_results(run_dir)
+        return None
     L.seed_everything(cfg.seed, workers=True)
 
-    # 1. Data: validates its keys now; tokenizes once (cached) in prepare_data.
+    # 1. Data: tokenized once into a cache (rank 0 here; the other ranks then hit the cache).
     tokenizer = instantiate(cfg.tokenizer)
     datamodule = instantiate(cfg.data, tokenizer=tokenizer)
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        datamodule.prepare_data()
 
     # 2. The plain model (models/ knows nothing about quantization).
     model_args = OmegaConf.to_container(cfg.model, resolve=True)
     net_cfg = llama_config(vocab_size=tokenizer.vocab_size, max_seq_len=cfg.data.seq_len, **model_args)
     net = Llama(net_cfg)
-    n_params = net.num_params(non_embedding=True)
-    max_steps = resolve_max_steps(cfg, n_params)
+    max_steps = resolve_max_steps(cfg, net.num_params(non_embedding=True))
 
     # 3. Quantize -> compile -> optimizer/scheduler, in that order, inside the module.
     lr = cfg.optimizer.lr if cfg.optimizer.lr is not None else MODEL_SIZES[cfg.model.size].peak_lr
@@ -77,6 +88,16 @@ def train(cfg: DictConfig, run_dir: Path, multirun: bool = False, overrides: lis
         flops_per_token=flops_per_token(net_cfg, cfg.data.seq_len),
         extra_checkpoint={"config": OmegaConf.to_container(cfg, resolve=True)},
     )
+    return Parts(module, datamodule, max_steps)
+
+
+def train(cfg: DictConfig, run_dir: Path, multirun: bool = False, overrides: list[str] | None = None) -> dict:
+    with config_errors():  # every bad override fails here, in one line, before training
+        parts = build(cfg, run_dir, multirun)
+    if parts is None:
+        return read_results(run_dir)
+    module, datamodule, max_steps = parts
+    net, weight_quant, activation_quant = module.net, module.weight_quant, module.activation_quant
 
     # 4. Trainer, checkpoints every N steps plus last, written atomically.
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * cfg.trainer.get("accumulate_grad_batches", 1)
@@ -99,7 +120,7 @@ def train(cfg: DictConfig, run_dir: Path, multirun: bool = False, overrides: lis
         ],
     )
     record = RunRecord(run_dir, cfg, weight_quant, activation_quant, trainer.global_rank, overrides or [])
-    record.update(non_embedding_params=n_params, total_params=net.num_params(non_embedding=False), max_steps=max_steps)
+    record.update(non_embedding_params=net.num_params(non_embedding=True), total_params=net.num_params(non_embedding=False), max_steps=max_steps)
     trainer.callbacks.append(StepRecorder(record, tokens_per_step, every))
 
     # 5. Fit (resuming from last.ckpt of this run directory), then a final validation.

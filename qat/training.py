@@ -5,18 +5,22 @@ Kept out of train.py so that train.py reads as the lifecycle and nothing else.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import sys
 import time
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 from qat.config import QuantizerConfig
 from qat.io import atomic_write, atomic_write_json
@@ -30,6 +34,33 @@ DISTRIBUTED_ENV = ("TORCHELASTIC_RUN_ID", "SLURM_NTASKS")
 
 class ConfigError(ValueError):
     """A bad override, reported as one line before any expensive work."""
+
+
+@contextlib.contextmanager
+def config_errors() -> Iterator[None]:
+    """Turn the ways a bad override surfaces (ValueError, Hydra's InstantiationException
+    wrapping one, a missing ??? value) into a one-line ConfigError."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except InstantiationException as err:
+        cause = err.__cause__
+        while isinstance(cause, InstantiationException):  # nested instantiate() calls
+            cause = cause.__cause__
+        if isinstance(cause, (ValueError, MissingMandatoryValue)):
+            raise ConfigError(_one_line(cause)) from None
+        raise
+    except MissingMandatoryValue as err:
+        raise ConfigError(f"missing value for {err.full_key}: set {err.full_key}=...") from None
+    except ValueError as err:
+        raise ConfigError(_one_line(err)) from None
+
+
+def _one_line(err: BaseException) -> str:
+    if isinstance(err, MissingMandatoryValue):
+        return f"missing value for {err.full_key}: set {err.full_key}=..."
+    return str(err).strip().splitlines()[0]
 
 
 def quantizer_configs(cfg: DictConfig) -> tuple[QuantizerConfig, QuantizerConfig]:

@@ -1,5 +1,6 @@
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One token cache for the whole session (subprocess runs inherit it): the corpus is built once.
+os.environ.setdefault("QAT_CACHE_DIR", tempfile.mkdtemp(prefix="qat-test-cache-"))
 
 SHARED = ROOT.parent / "shared"
 
@@ -20,3 +23,26 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         pytest.skip(f"shared data folder {SHARED} is absent")
     return SHARED
+
+
+# Tiny, fast settings for end-to-end runs on 2 CPU cores.
+TINY = [
+    "trainer.max_steps=12",
+    "trainer.val_check_interval=6",
+    "trainer.enable_progress_bar=false",
+    "data.batch_size=8",
+    "data.val_batches=2",
+    "checkpoint.every_n_steps=6",
+    "telemetry_every=5",
+]
+
+
+def run_train(run_dir: Path, *overrides: str, check: bool = True, env: dict | None = None, timeout: int = 600):
+    """python train.py as a user runs it; returns the CompletedProcess."""
+    import subprocess
+
+    cmd = [sys.executable, str(ROOT / "train.py"), *TINY, f"hydra.run.dir={run_dir}", *overrides]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc

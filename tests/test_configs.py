@@ -1,0 +1,100 @@
+"""Every shipped config composes; every experiment's debug shrink trains a few steps."""
+
+import json
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from qat.training import quantizer_configs
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+GROUPS = ["model", "quant", "data", "tokenizer", "trainer", "logger", "optimizer", "scheduler", "experiment", "sweep"]
+OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONFIGS / g).glob("*.yaml")) if not p.stem.startswith("_")]
+NEEDS = {("data", "local"): ["data.path=x.txt"], ("tokenizer", "hf"): ["tokenizer.path=t.json"]}
+SHRINK = [
+    "model=debug",
+    "data=synthetic",
+    "tokenizer=byte",
+    "trainer=cpu",
+    "logger=csv",
+    "trainer.max_steps=3",
+    "trainer.val_check_interval=3",
+    "trainer.enable_progress_bar=false",
+    "data.seq_len=32",
+    "data.batch_size=4",
+    "data.val_batches=1",
+    "tokens_per_param=null",
+    "compile=false",
+]
+
+
+def _compose(*overrides, hydra=False):
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return compose("train", overrides=list(overrides), return_hydra_config=hydra)
+
+
+def test_every_group_has_options():
+    assert {g for g, _ in OPTIONS} == set(GROUPS)
+
+
+@pytest.mark.parametrize("group,option", OPTIONS)
+def test_config_composes_and_resolves(group, option):
+    cfg = _compose(f"{group}={option}", *NEEDS.get((group, option), []), hydra=group == "sweep")
+    for key in cfg:  # every interpolation resolves (hydra's runtime keys only exist in a real run)
+        if key != "hydra":
+            OmegaConf.select(cfg, key) if not OmegaConf.is_config(cfg[key]) else OmegaConf.to_container(cfg[key], resolve=True)
+    weight, activation = quantizer_configs(cfg)  # the quantizer schema accepts it
+    assert weight.bits == cfg.quant.weight.bits
+    if group == "sweep":
+        assert cfg.skip_completed and "sweep" not in cfg.hydra.sweep.dir
+        assert {"quant.bits", "model"} <= set(cfg.hydra.sweeper.params)
+
+
+def test_quant_presets_mean_what_they_say():
+    q = {name: quantizer_configs(_compose(f"quant={name}")) for _, name in OPTIONS if _ == "quant"}
+    w, a = q["quest"]
+    assert (w.bits, a.bits, w.rotation, w.scale, w.grid, w.estimator) == (4, 4, "hadamard", "rms_mse", "int", "trust")
+    assert not q["bf16"][0].enabled and not q["bf16"][1].enabled
+    assert q["ste"][0].estimator == "ste" and q["ste"][0].rotation == "none"
+    assert q["lsq"][1].scale == "lsq" and q["pact"][0].estimator == "pact"
+    assert q["quest_fp4"][0].grid == "fp4" and q["quest_fp4"][1].grid == "fp4"
+    assert q["quest_2of4"][0].sparsity == "2:4" and q["quest_2of4"][1].sparsity == "none"
+    assert q["weight_only"][0].bits == 4 and not q["weight_only"][1].enabled
+    assert q["weight_only"][1].rotation == "hadamard"  # keeps (xH)(WH)^T = x W^T
+
+
+def test_bits_shortcut_and_per_side_overrides():
+    w, a = quantizer_configs(_compose("quant.bits=2"))
+    assert (w.bits, a.bits) == (2, 2)
+    w, a = quantizer_configs(_compose("quant.bits=2", "quant.weight.bits=3", "quant.activation.bits=8"))
+    assert (w.bits, a.bits) == (3, 8)
+
+
+def test_trainer_presets_and_arbitrary_trainer_args():
+    cfg = _compose("trainer=ddp_cpu", "trainer.max_steps=7", "trainer.gradient_clip_val=0.5")
+    assert cfg.trainer.devices == 2 and cfg.trainer.strategy.process_group_backend == "gloo"
+    assert (cfg.trainer.max_steps, cfg.trainer.gradient_clip_val) == (7, 0.5)
+    fsdp = instantiate(_compose("trainer=fsdp").trainer.strategy)
+    assert type(fsdp).__name__ == "FSDPStrategy"
+
+
+def test_slurm_launcher_composes():
+    cfg = _compose("sweep=bits_x_size", "hydra/launcher=slurm", hydra=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert launcher.tasks_per_node == launcher.gpus_per_node == 1 and launcher.max_num_timeout > 0
+    assert launcher.submitit_folder.startswith("multirun/bits_x_size")  # stable across requeues
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml")))
+def test_experiment_debug_shrink_trains(experiment, tmp_path):
+    from train import train
+
+    cfg = _compose(f"experiment={experiment}", *SHRINK)
+    result = train(cfg, tmp_path)
+    assert result["status"] == "completed" and result["step"] == 3
+    assert json.loads((tmp_path / "results.json").read_text())["model"] == "debug"

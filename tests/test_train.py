@@ -1,0 +1,117 @@
+"""End-to-end: `python train.py` as a subprocess, with tiny step counts."""
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import run_train
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    proc = run_train(run_dir, "trainer.max_steps=30", "trainer.val_check_interval=15")
+    return run_dir, proc
+
+
+def test_results_json_and_summary(default_run):
+    run_dir, proc = default_run
+    r = json.loads((run_dir / "results.json").read_text())
+    assert r["status"] == "completed" and r["step"] == 30
+    assert math.isfinite(r["val_loss"]) and r["val_loss"] < r["unigram_loss"]  # learned context
+    assert r["val_loss"] > r["loss_floor"] > 0
+    assert math.isclose(r["val_ppl"], math.exp(r["val_loss"]), rel_tol=1e-4)
+    assert r["tokens"] == 30 * 8 * 128 and r["precision"] == "w4a4" and r["quant_preset"] == "quest"
+    assert r["w_bits"] == 4 and r["a_bits"] == 4 and r["non_embedding_params"] == 426_624
+    for key in ("val loss", "perplexity" if False else "ppl", "loss floor", "tokens/s", "checkpoint"):
+        assert key in proc.stdout
+    assert not list(run_dir.glob("*.tmp")) and not list(run_dir.rglob(".*.tmp"))
+
+
+def test_checkpoint_is_plain_and_complete(default_run):
+    run_dir, _ = default_run
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert ckpts == ["last.ckpt", "step0000006.ckpt", "step0000012.ckpt", "step0000018.ckpt", "step0000024.ckpt", "step0000030.ckpt"]
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 30
+    assert ckpt["quantization"]["weight"]["bits"] == 4 and ckpt["quantization"]["weight"]["rotation"] == "hadamard"
+    assert ckpt["config"]["model"]["size"] == "debug"
+    assert "layers.0.attn.qkv" in ckpt["quantization"]["layers"]
+
+
+def test_metrics_logged(default_run):
+    run_dir, _ = default_run
+    import csv
+
+    rows = []
+    for f in (run_dir / "logs").rglob("metrics.csv"):
+        rows += list(csv.DictReader(f.open()))
+    keys = {k for row in rows for k, v in row.items() if v != ""}
+    for key in ("train/loss", "val/loss", "val/ppl", "lr", "perf/tokens_per_s", "quant/mean_masked_fraction", "quant/mean_rel_error"):
+        assert key in keys, key
+    assert "quant/layers.1.mlp.down.input_quantizer/masked_fraction" in keys
+    errors = [float(r["quant/mean_rel_error"]) for r in rows if r.get("quant/mean_rel_error")]
+    assert all(0.005 < e < 0.05 for e in errors)  # 4-bit Gaussian optimum is ~0.0115
+
+
+def test_resume_continues_from_saved_step(default_run, tmp_path):
+    run_dir, _ = default_run
+    import shutil
+
+    copy = tmp_path / "resumed"
+    shutil.copytree(run_dir, copy)
+    proc = run_train(copy, "trainer.max_steps=36", "trainer.val_check_interval=15")
+    assert "resumed from step 30" in proc.stdout
+    r = json.loads((copy / "results.json").read_text())
+    assert r["step"] == 36 and r["status"] == "completed"
+    assert torch.load(copy / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 36
+
+
+def test_resume_restores_learnable_quantizer_state(tmp_path):
+    run_train(tmp_path, "quant=lsq", "trainer.max_steps=6")
+    first = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    scales = {k: v for k, v in first.items() if k.endswith("quantizer.scale")}
+    assert len(scales) == 20 and all(first[k.replace(".scale", ".scale_initialized")] for k in scales)
+    proc = run_train(tmp_path, "quant=lsq", "trainer.max_steps=12")
+    assert "resumed from step 6" in proc.stdout
+    second = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    # the scales kept training from their saved values (not re-initialised from a new batch)
+    moved = [abs(second[k] - v).item() for k, v in scales.items()]
+    assert max(moved) < 0.2 * max(abs(v).item() for v in scales.values())
+
+
+def test_ddp_cpu_matches_single_process(tmp_path):
+    overrides = ("trainer.max_steps=8", "trainer.val_check_interval=8", "checkpoint.every_n_steps=8")
+    run_train(tmp_path / "single", *overrides)
+    run_train(tmp_path / "ddp", "trainer=ddp_cpu", *overrides)
+    single = json.loads((tmp_path / "single" / "results.json").read_text())
+    ddp = json.loads((tmp_path / "ddp" / "results.json").read_text())
+    assert ddp["tokens"] == single["tokens"]
+    assert abs(ddp["val_loss"] - single["val_loss"]) < 2e-3, (ddp["val_loss"], single["val_loss"])
+
+
+def test_wandb_offline(tmp_path):
+    run_train(tmp_path, "logger=wandb", "trainer.max_steps=4", env={"WANDB_MODE": "offline"})
+    assert list((tmp_path / "wandb").glob("offline-run-*"))
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("quant=foo", "Could not find 'quant/foo'"),
+        ("quant.bits=0", "bits=0 is not allowed"),
+        ("data=local", "data.path"),
+        ("data.seq_len=1", "data.seq_len=1 must be an integer >= 2"),
+        ("data.batch_size=0", "data.batch_size=0 must be an integer >= 1"),
+        ("data.source.num_documents=0", "num_documents"),
+    ],
+)
+def test_bad_overrides_fail_in_one_line_before_training(tmp_path, override, message):
+    proc = run_train(tmp_path, override, check=False, timeout=120)
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "results.json").exists()
