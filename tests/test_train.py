@@ -115,3 +115,29 @@ def test_bad_overrides_fail_in_one_line_before_training(tmp_path, override, mess
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "results.json").exists()
+
+
+def test_generate_and_evaluate_scripts(default_run, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    run_dir, _ = default_run
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    gen = subprocess.run(
+        [sys.executable, "scripts/generate.py", "--ckpt", str(ckpt), "--prompt", "farm:", "--tokens", "40", "--temperature", "0"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=True,
+    )
+    assert "--- sample 0 (step 30) ---" in gen.stdout and len(gen.stdout.split("---")[-1]) > 20
+    mc = tmp_path / "mc.jsonl"
+    mc.write_text('{"ctx": "farm: the", "endings": ["cow sleeps.", "zq xj"], "label": 0}\n')
+    out = tmp_path / "eval.json"
+    subprocess.run(
+        [sys.executable, "scripts/evaluate.py", "--ckpt", str(ckpt), "--hellaswag", str(mc), "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=True,
+    )
+    metrics = json.loads(out.read_text())
+    r = json.loads((run_dir / "results.json").read_text())
+    assert abs(metrics["val"]["loss"] - r["val_loss"]) < 1e-4  # same quantized forward, same val set
+    assert metrics["multiple_choice"]["n"] == 1

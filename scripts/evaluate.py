@@ -1,0 +1,76 @@
+"""Evaluate a train.py checkpoint: val loss / perplexity on any configured data, and
+multiple-choice accuracy (HellaSwag JSONL format) with the quantized forward.
+
+    python scripts/evaluate.py --ckpt RUN/checkpoints/last.ckpt                  # the run's own val data
+    python scripts/evaluate.py --ckpt ... data=local data.path=valid.jsonl data.val_batches=50
+    python scripts/evaluate.py --ckpt ... --hellaswag hellaswag_val.jsonl --limit 1000
+
+Data overrides use the training config syntax (group=option key=value) on top of the
+checkpoint's own config. JSONL lines: {"ctx": str, "endings": [str, ...], "label": int}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from itertools import islice
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from qat.checkpoint import load_trained
+from qat.evaluation import loss_over, multiple_choice_accuracy
+from qat.io import atomic_write_json
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def data_config(run_config: dict, overrides: list[str]):
+    """The checkpoint's data config, or a freshly composed one when data overrides are given."""
+    if not overrides:
+        return OmegaConf.create(run_config)["data"]
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return compose("train", overrides=overrides).data
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--hellaswag", help="multiple-choice JSONL file (HellaSwag format)")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N multiple-choice examples")
+    p.add_argument("--no-loss", action="store_true", help="skip the val-loss evaluation")
+    p.add_argument("--out", help="write the metrics as JSON here")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("overrides", nargs="*", help="data overrides, e.g. data=local data.path=valid.jsonl")
+    args = p.parse_args(argv)
+    try:
+        if args.hellaswag and not Path(args.hellaswag).is_file():
+            raise ValueError(f"--hellaswag={args.hellaswag!r} does not exist")
+        model = load_trained(args.ckpt, args.device)
+        metrics: dict = {"checkpoint": args.ckpt, "step": model.step}
+        if not args.no_loss:
+            dm = instantiate(data_config(model.config, args.overrides), tokenizer=model.tokenizer)
+            dm.prepare_data()
+            dm.setup("validate")
+            metrics["val"] = loss_over(model.net, dm.val_dataloader(), args.device)
+            if dm.loss_floor is not None:
+                metrics["val"]["loss_floor"] = dm.loss_floor
+        if args.hellaswag:
+            with open(args.hellaswag) as f:
+                lines = (json.loads(line) for line in f if line.strip())
+                metrics["multiple_choice"] = multiple_choice_accuracy(model.net, model.tokenizer, islice(lines, args.limit))
+    except (ValueError, json.JSONDecodeError) as err:
+        print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
+        return 2
+    print(json.dumps(metrics, indent=2))
+    if args.out:
+        atomic_write_json(args.out, metrics)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
