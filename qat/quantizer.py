@@ -75,6 +75,10 @@ class Quantizer(nn.Module):
     def use_triton(self, x: torch.Tensor) -> bool:
         if self.cfg.backend == "torch" or triton_unsupported_reason(self.cfg):
             return False
+        if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            if self.cfg.backend == "triton":
+                raise ValueError(f"backend='triton' supports fp32/bf16/fp16 inputs, got {x.dtype}")
+            return False
         runnable = x.is_cuda or (_interpreting() and x.device.type == "cpu")
         if self.cfg.backend == "triton" and not runnable:
             raise ValueError(f"backend='triton' needs a CUDA tensor (or TRITON_INTERPRET=1), got device {x.device}")
@@ -85,7 +89,7 @@ class Quantizer(nn.Module):
         if self.use_triton(x):
             from kernels import fused_quantize  # lazy: kernels import triton
 
-            qz = fused_quantize(x, cfg)
+            qz = fused_quantize(x, cfg, with_codes=False)  # training never reads the codes
             if self.track_stats:
                 self._record(self._rotate(x), qz)
             return qz.value
