@@ -25,6 +25,7 @@ import torch
 
 from qat.config import QuantizerConfig
 from qat.grids import Grid, default_trust, round_to_grid
+from qat.registry import registrar
 
 
 class Quantized(NamedTuple):
@@ -40,12 +41,7 @@ Estimator = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Grid, QuantizerC
 ESTIMATORS: dict[str, Estimator] = {}
 
 
-def register_estimator(name: str) -> Callable[[Estimator], Estimator]:
-    def add(fn: Estimator) -> Estimator:
-        ESTIMATORS[name] = fn
-        return fn
-
-    return add
+register_estimator = registrar(ESTIMATORS)
 
 
 class MaskedStraightThrough(torch.autograd.Function):

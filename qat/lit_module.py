@@ -118,14 +118,18 @@ class QATModule(L.LightningModule):
         self._window_start, self._window_tokens = time.perf_counter(), 0
 
     def _log_telemetry(self) -> None:
-        means: dict[str, list[torch.Tensor]] = {}
+        # Straight to the loggers: these are point samples of one step, not running means.
+        metrics: dict[str, float] = {}
+        means: dict[str, list[float]] = {}
         for name, q in self._quantizers.items():
             for key, value in q.stats.items():
-                self.log(f"quant/{name}/{key}", value, rank_zero_only=True)
-                means.setdefault(key, []).append(value)
+                metrics[f"quant/{name}/{key}"] = float(value)
+                means.setdefault(key, []).append(float(value))
             q.stats = {}
-        for key, values in means.items():
-            self.log(f"quant/mean_{key}", torch.stack(values).mean(), rank_zero_only=True)
+        metrics.update({f"quant/mean_{key}": sum(v) / len(v) for key, v in means.items()})
+        if metrics and self.trainer.is_global_zero:
+            for logger in self.loggers:
+                logger.log_metrics(metrics, step=self.global_step)
 
     # ----- validation -----
     def on_validation_epoch_start(self) -> None:

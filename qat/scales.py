@@ -10,6 +10,7 @@ from collections.abc import Callable
 import torch
 
 from qat.grids import Grid, optimal_gaussian_scale, round_to_grid
+from qat.registry import registrar
 
 _TINY = 1e-12  # keeps all-zero rows finite (they quantize to the smallest levels, times ~0)
 MSE_SEARCH_POINTS = 100
@@ -18,12 +19,7 @@ ScaleFit = Callable[[torch.Tensor, torch.Tensor, Grid, float], torch.Tensor]
 SCALE_FITS: dict[str, ScaleFit] = {}
 
 
-def register_scale(name: str) -> Callable[[ScaleFit], ScaleFit]:
-    def add(fn: ScaleFit) -> ScaleFit:
-        SCALE_FITS[name] = fn
-        return fn
-
-    return add
+register_scale = registrar(SCALE_FITS)
 
 
 def row_rms(x: torch.Tensor) -> torch.Tensor:

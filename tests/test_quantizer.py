@@ -252,3 +252,13 @@ def test_every_estimator_composes_with_every_grid_and_rotation():
         xr = x.clone().requires_grad_()
         Quantizer(QuantizerConfig(bits=4, grid=grid, rotation=rot, estimator=est, scale=scale))(xr).sum().backward()
         assert torch.isfinite(xr.grad).all() and xr.grad.abs().sum() > 0
+
+
+def test_registries_cover_every_config_choice():
+    from qat.config import ESTIMATORS as ESTIMATOR_NAMES
+    from qat.config import SCALES
+    from qat.estimators import ESTIMATORS
+    from qat.scales import SCALE_FITS
+
+    assert set(ESTIMATORS) == set(ESTIMATOR_NAMES)
+    assert set(SCALE_FITS) | {"lsq"} == set(SCALES)  # lsq is the Quantizer's learnable parameter
