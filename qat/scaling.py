@@ -32,13 +32,12 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
-from scipy.optimize import least_squares
+
+from qat.scaling_solver import N_CORE, REFERENCE, Problem, batched_lm, make_problem, polish, residuals, starts
 
 LAWS = ("quest", "kumar")
-REFERENCE = "bf16"  # eff = 1 by definition under the quest law
 DEFAULT_HUBER_DELTA = 1e-2
 MIN_SIZES_FOR_LOSO = 3  # with fewer distinct N, a fold has one size left and cannot see alpha
-N_CORE = 5  # a_c, alpha, b_c, beta, E; law-specific parameters follow
 
 
 @dataclass(frozen=True)
@@ -94,244 +93,6 @@ def validate_runs(runs: Sequence[Run], law: str = "quest") -> None:
 # The problem: data as arrays plus the law's extra parameters (per-key log eff or log gamma).
 
 
-@dataclass
-class _Problem:
-    law: str
-    keys: list[str]  # precision keys in the data, sorted
-    free_keys: list[str]  # quest: keys with a free eff (all but bf16)
-    log_n: np.ndarray  # (R,) centred log N
-    log_d: np.ndarray  # (R,) centred log D
-    log_l: np.ndarray  # (R,) log loss
-    key_index: np.ndarray  # (R,) index into keys
-    bits: dict[str, tuple[float, float]]  # key -> (w_bits, a_bits); kumar only
-    w_bits: np.ndarray
-    a_bits: np.ndarray
-    c_n: float
-    c_d: float
-    lower: np.ndarray = field(init=False)
-    upper: np.ndarray = field(init=False)
-    init_lo: np.ndarray = field(init=False)
-    init_hi: np.ndarray = field(init=False)
-
-    def __post_init__(self) -> None:
-        lmin, lmax, lmed = (float(f(self.log_l)) for f in (np.min, np.max, np.median))
-        big = lmin - 25.0  # a term below e^-25 of the loss is numerically irrelevant
-        core_lo = [big, 0.0, big, 0.0, 0.0]
-        core_hi = [lmax + 5.0, 2.0, lmax + 5.0, 2.0, math.exp(lmax)]
-        # Starting box: each power-law term between ~2% and 100% of a typical loss, exponents
-        # 0.02-1, E between 0 and the smallest loss.
-        init_lo = [lmed + math.log(0.02), 0.02, lmed + math.log(0.02), 0.02, 0.0]
-        init_hi = [lmed, 1.0, lmed, 1.0, math.exp(lmin)]
-        if self.law == "quest":
-            k = len(self.free_keys)
-            extra = ([math.log(1e-4)] * k, [math.log(4.0)] * k, [math.log(0.05)] * k, [0.0] * k)
-        else:  # log gamma_w, log gamma_a (bits)
-            extra = ([math.log(0.01)] * 2, [math.log(100.0)] * 2, [math.log(0.5)] * 2, [math.log(8.0)] * 2)
-        self.lower = np.array(core_lo + extra[0])
-        self.upper = np.array(core_hi + extra[1])
-        self.init_lo = np.array(init_lo + extra[2])
-        self.init_hi = np.array(init_hi + extra[3])
-
-    @property
-    def n_params(self) -> int:
-        return len(self.lower)
-
-    def log_eff(self, extra: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Per-run log eff (S, R) and its Jacobian in the extra parameters.
-
-        quest: the Jacobian is the same one-hot (R, k) run -> key matrix for every start
-        (bf16 runs have an all-zero row); kumar: a dense (S, R, 2).
-        """
-        S, R = extra.shape[0], self.log_l.size
-        if self.law == "quest":
-            # bf16 reads a zero column appended after the free keys, so its log eff is 0.
-            padded = np.concatenate([extra, np.zeros((S, 1))], axis=1)
-            col = np.array([self.free_keys.index(k) if k != REFERENCE else len(self.free_keys) for k in self.keys])
-            run_col = col[self.key_index]
-            onehot = (run_col[:, None] == np.arange(len(self.free_keys))[None, :]).astype(float)
-            return padded[:, run_col], onehot
-        g = np.zeros((S, R))
-        dg = np.zeros((S, R, 2))
-        for j, bits in enumerate((self.w_bits, self.a_bits)):
-            u = bits[None, :] / np.exp(extra[:, j : j + 1])  # P / gamma
-            keep = -np.expm1(-u)  # 1 - exp(-P/gamma), the fraction of this factor kept
-            g += np.log(keep)
-            dg[..., j] = -u * np.exp(-u) / keep  # d/d(log gamma) of log(keep); no overflow
-        return g, dg
-
-
-def _make_problem(runs: Sequence[Run], law: str) -> _Problem:
-    keys = sorted({r.precision for r in runs})
-    log_n = np.log([float(r.N) for r in runs])
-    log_d = np.log([float(r.D) for r in runs])
-    c_n, c_d = float(log_n.mean()), float(log_d.mean())
-    bits = {r.precision: (float(r.w_bits), float(r.a_bits)) for r in runs if r.w_bits is not None and r.a_bits is not None}
-    return _Problem(
-        law=law,
-        keys=keys,
-        free_keys=[k for k in keys if k != REFERENCE] if law == "quest" else [],
-        log_n=log_n - c_n,
-        log_d=log_d - c_d,
-        log_l=np.log([float(r.loss) for r in runs]),
-        key_index=np.array([keys.index(r.precision) for r in runs]),
-        bits=bits,
-        w_bits=np.array([np.nan if r.w_bits is None else float(r.w_bits) for r in runs]),  # kumar only
-        a_bits=np.array([np.nan if r.a_bits is None else float(r.a_bits) for r in runs]),
-        c_n=c_n,
-        c_d=c_d,
-    )
-
-
-def _sum_by_key(v: np.ndarray, onehot: np.ndarray, axis: int) -> np.ndarray:
-    """Sum v over the runs of each key (v's run axis `axis`) = v @ onehot, without BLAS:
-    multi-threaded BLAS on these thin products is 10-100x slower on a busy machine."""
-    if onehot.shape[1] == 0:  # only bf16 runs: no free eff
-        shape = list(v.shape)
-        shape[axis] = 0
-        return np.zeros(shape)
-    col = np.where(onehot.any(axis=1), onehot.argmax(axis=1), onehot.shape[1])
-    order = np.argsort(col, kind="stable")[: int(onehot.any(axis=1).sum())]
-    starts = np.searchsorted(col[order], np.arange(onehot.shape[1]))
-    return np.add.reduceat(np.take(v, order, axis=axis), starts, axis=axis)
-
-
-@dataclass
-class _Jacobian:
-    """dr/dtheta in factored form: core (S, R, 5), and for the law's parameters
-    coef[..., None] * dlog_eff, where dlog_eff is (R, k) one-hot (quest) or (S, R, k)."""
-
-    core: np.ndarray
-    coef: np.ndarray
-    dlog_eff: np.ndarray
-
-    def dense(self) -> np.ndarray:
-        extra = self.coef[..., None] * (self.dlog_eff if self.dlog_eff.ndim == 3 else self.dlog_eff[None])
-        return np.concatenate([self.core, extra], axis=-1)
-
-    def normal_equations(self, wr: np.ndarray, r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Gradient J^T W r (S, P) and Gauss-Newton matrix J^T W J (S, P, P), W = diag(wr).
-
-        The one-hot case never builds the (S, R, P) Jacobian: that halves a fit's time."""
-        Jw = self.core * wr[..., None]
-        H_cc = np.matmul(Jw.transpose(0, 2, 1), self.core)
-        g_c = np.einsum("srp,sr->sp", Jw, r)
-        cw = self.coef * wr
-        if self.dlog_eff.ndim == 2:
-            onehot = self.dlog_eff
-            H_ce = _sum_by_key(Jw * self.coef[..., None], onehot, axis=1).transpose(0, 2, 1)
-            H_ee = _sum_by_key(cw * self.coef, onehot, axis=1)[:, :, None] * np.eye(onehot.shape[1])
-            g_e = _sum_by_key(cw * r, onehot, axis=1)
-        else:
-            Je = self.coef[..., None] * self.dlog_eff
-            H_ce = np.matmul(Jw.transpose(0, 2, 1), Je)
-            H_ee = np.matmul((Je * wr[..., None]).transpose(0, 2, 1), Je)
-            g_e = np.einsum("srk,sr->sk", Je, wr * r)
-        H = np.concatenate([np.concatenate([H_cc, H_ce], axis=2), np.concatenate([H_ce.transpose(0, 2, 1), H_ee], axis=2)], axis=1)
-        return np.concatenate([g_c, g_e], axis=1), H
-
-
-def _residuals(p: _Problem, theta: np.ndarray, jac: bool = False) -> tuple[np.ndarray, _Jacobian | None]:
-    """r = log L - log L_hat for S parameter vectors at once: (S, R), and dr/dtheta."""
-    a, alpha, b, beta, E = (theta[:, i : i + 1] for i in range(N_CORE))
-    g, dg = p.log_eff(theta[:, N_CORE:])
-    x = p.log_n[None, :] + g  # centred log(N * eff)
-    t1 = np.exp(a - alpha * x)  # A / (N eff)^alpha
-    t2 = np.exp(b - beta * p.log_d[None, :])  # B / D^beta
-    l_hat = t1 + t2 + E
-    r = p.log_l[None, :] - np.log(l_hat)
-    if not jac:
-        return r, None
-    s1, s2 = t1 / l_hat, t2 / l_hat  # share of each term in L_hat
-    core = np.stack([-s1, s1 * x, -s2, s2 * p.log_d[None, :], -1.0 / l_hat], axis=-1)
-    return r, _Jacobian(core, s1 * alpha, dg)
-
-
-def _huber(r: np.ndarray, delta: float) -> tuple[np.ndarray, np.ndarray]:
-    """Huber rho(r) and the IRLS weight psi(r)/r (1 inside delta, delta/|r| outside)."""
-    a = np.abs(r)
-    inside = a <= delta
-    rho = np.where(inside, 0.5 * r * r, delta * (a - 0.5 * delta))
-    return rho, np.where(inside, 1.0, delta / np.maximum(a, 1e-300))
-
-
-def _cost(p: _Problem, theta: np.ndarray, weights: np.ndarray, delta: float) -> np.ndarray:
-    return (weights * _huber(_residuals(p, theta)[0], delta)[0]).sum(axis=1)
-
-
-def _batched_lm(p: _Problem, theta0: np.ndarray, weights: np.ndarray, delta: float, max_iter: int = 200, rtol: float = 1e-10) -> tuple[np.ndarray, np.ndarray]:
-    """Bounded Levenberg-Marquardt on S starts at once; weights (S, R) are per-start run weights.
-
-    Bounds: coordinates sitting on a bound whose descent direction leaves the box are frozen
-    for the step (an active set), the rest is solved and projected back into the box.
-    """
-    theta = np.clip(theta0, p.lower, p.upper).astype(float)
-    S, P = theta.shape
-    lam = np.full(S, 1e-3)
-    cost = _cost(p, theta, weights, delta)
-    todo = np.arange(S)
-    eye = np.eye(P, dtype=bool)
-    for _ in range(max_iter):
-        if todo.size == 0:
-            break
-        th, w = theta[todo], weights[todo]
-        r, J = _residuals(p, th, jac=True)
-        _, irls = _huber(r, delta)
-        grad, H = J.normal_equations(w * irls, r)
-        frozen = ((th <= p.lower) & (grad > 0)) | ((th >= p.upper) & (grad < 0))
-        diag = np.diagonal(H, axis1=1, axis2=2)
-        damp = np.maximum(diag, 1e-9 * diag.max(axis=1, keepdims=True) + 1e-30)
-        M = H + (lam[todo, None] * damp)[:, :, None] * eye
-        M = np.where(frozen[:, :, None] | frozen[:, None, :], 0.0, M) + frozen[:, :, None] * eye
-        step = np.linalg.solve(M, np.where(frozen, 0.0, -grad)[..., None])[..., 0]
-        trial = np.clip(th + step, p.lower, p.upper)
-        new_cost = _cost(p, trial, w, delta)
-        ok = new_cost < cost[todo]
-        gain = np.where(ok, cost[todo] - new_cost, 0.0)
-        theta[todo[ok]] = trial[ok]
-        cost[todo[ok]] = new_cost[ok]
-        lam[todo] = np.where(ok, np.maximum(lam[todo] / 3, 1e-12), lam[todo] * 4)
-        done = (ok & (gain <= rtol * (cost[todo] + 1e-30))) | (lam[todo] > 1e10)
-        todo = todo[~done]
-    return theta, cost
-
-
-def _polish(p: _Problem, theta: np.ndarray, delta: float, rows: np.ndarray | None = None) -> tuple[np.ndarray, float]:
-    """scipy trust-region least squares with a Huber loss from one start, on the selected runs."""
-    rows = np.arange(p.log_l.size) if rows is None else rows
-    span = p.upper - p.lower
-    x0 = np.clip(theta, p.lower + 1e-9 * span, p.upper - 1e-9 * span)  # trf wants a strictly feasible start
-    fit = least_squares(
-        lambda x: _residuals(p, x[None])[0][0, rows],
-        x0,
-        jac=lambda x: _residuals(p, x[None], jac=True)[1].dense()[0, rows],
-        bounds=(p.lower, p.upper),
-        loss="huber",
-        f_scale=delta,
-        method="trf",
-        x_scale="jac",
-        ftol=1e-14,
-        xtol=1e-14,
-        gtol=1e-14,
-        max_nfev=500,
-    )
-    # trf stays strictly inside the box; put coordinates within rounding of a bound onto it
-    # (E = 0 reads better than E = 3e-31) and recompute the cost there.
-    x = np.where(fit.x - p.lower < 1e-8 * span, p.lower, np.where(p.upper - fit.x < 1e-8 * span, p.upper, fit.x))
-    weights = np.zeros(p.log_l.size)
-    weights[rows] = 1.0
-    return x, float(_cost(p, x[None], weights[None], delta)[0])
-
-
-def _starts(p: _Problem, n: int, seed: int) -> np.ndarray:
-    """Latin-hypercube starts in the initial box: every parameter's range is cut into n
-    strata and each stratum is used once, so even few starts cover every axis. Seeded."""
-    rng = np.random.default_rng(seed)
-    strata = np.stack([rng.permutation(n) for _ in range(p.n_params)], axis=1)  # (n, P)
-    unit = (strata + rng.random((n, p.n_params))) / n
-    return p.init_lo + unit * (p.init_hi - p.init_lo)
-
-
-# ---------------------------------------------------------------------------------------
 # Public result and API.
 
 
@@ -384,7 +145,7 @@ class ScalingFit:
             raise ValueError(f"fit is missing key {err.args[0]!r}; was it written by fit_scaling_law?") from None
 
 
-def _theta_of(p: _Problem, fit: ScalingFit) -> np.ndarray:
+def _theta_of(p: Problem, fit: ScalingFit) -> np.ndarray:
     """A public fit as an internal parameter vector of problem p (warm starts)."""
     core = [math.log(fit.A) - fit.alpha * p.c_n, fit.alpha, math.log(fit.B) - fit.beta * p.c_d, fit.beta, fit.E]
     if p.law == "quest":
@@ -394,7 +155,7 @@ def _theta_of(p: _Problem, fit: ScalingFit) -> np.ndarray:
     return np.clip(np.array(core + extra), p.lower, p.upper)
 
 
-def _public(p: _Problem, theta: np.ndarray) -> dict[str, Any]:
+def _public(p: Problem, theta: np.ndarray) -> dict[str, Any]:
     a, alpha, b, beta, E = (float(v) for v in theta[:N_CORE])
     out: dict[str, Any] = {"A": math.exp(a + alpha * p.c_n), "alpha": alpha, "B": math.exp(b + beta * p.c_d), "beta": beta, "E": E}
     if p.law == "quest":
@@ -407,8 +168,8 @@ def _public(p: _Problem, theta: np.ndarray) -> dict[str, Any]:
     return out
 
 
-def _rel_errors(p: _Problem, theta: np.ndarray) -> np.ndarray:
-    r, _ = _residuals(p, theta[None])
+def _rel_errors(p: Problem, theta: np.ndarray) -> np.ndarray:
+    r, _ = residuals(p, theta[None])
     return np.abs(np.expm1(-r[0]))  # L_hat / L - 1
 
 
@@ -417,9 +178,9 @@ def fit_scaling_law(runs: Sequence[Run], law: str = "quest", n_starts: int = 102
     validate_runs(runs, law)
     if n_starts < 1 or n_polish < 1 or not huber_delta > 0:
         raise ValueError(f"n_starts={n_starts}, n_polish={n_polish} must be >= 1 and huber_delta={huber_delta} > 0")
-    p = _make_problem(runs, law)
-    theta, cost = _batched_lm(p, _starts(p, n_starts, seed), np.ones((n_starts, len(runs))), huber_delta)
-    polished = [_polish(p, theta[i], huber_delta) for i in np.argsort(cost)[:n_polish]]
+    p = make_problem(runs, law)
+    theta, cost = batched_lm(p, starts(p, n_starts, seed), np.ones((n_starts, len(runs))), huber_delta)
+    polished = [polish(p, theta[i], huber_delta) for i in np.argsort(cost)[:n_polish]]
     best, best_cost = min(polished, key=lambda tc: tc[1])
     rel = _rel_errors(p, best)
     return ScalingFit(
@@ -448,11 +209,11 @@ def bootstrap_fit(runs: Sequence[Run], fit: ScalingFit, n_boot: int = 200, seed:
     validate_runs(runs, fit.law)
     if n_boot < 2:
         raise ValueError(f"n_boot={n_boot} must be >= 2")
-    p = _make_problem(runs, fit.law)
+    p = make_problem(runs, fit.law)
     rng = np.random.default_rng(seed)
     R = len(runs)
     counts = np.stack([np.bincount(rng.integers(0, R, R), minlength=R) for _ in range(n_boot)]).astype(float)
-    theta, _ = _batched_lm(p, np.repeat(_theta_of(p, fit)[None], n_boot, axis=0), counts, fit.huber_delta)
+    theta, _ = batched_lm(p, np.repeat(_theta_of(p, fit)[None], n_boot, axis=0), counts, fit.huber_delta)
     key_seen = np.stack([np.bincount(p.key_index, weights=c, minlength=len(p.keys)) > 0 for c in counts])
     samples: dict[str, list[float]] = {}
     dropped = {k: int((~key_seen[:, i]).sum()) for i, k in enumerate(p.keys)} if fit.law == "quest" else {}
@@ -483,19 +244,19 @@ def leave_one_size_out(runs: Sequence[Run], fit: ScalingFit, n_starts: int = 128
     be predicted under the quest law and are counted in n_skipped.
     """
     validate_runs(runs, fit.law)
-    p = _make_problem(runs, fit.law)
+    p = make_problem(runs, fit.law)
     sizes = np.unique(p.log_n)
     if sizes.size < MIN_SIZES_FOR_LOSO:
         raise ValueError(f"leave-one-size-out needs >= {MIN_SIZES_FOR_LOSO} distinct N; got {sizes.size}")
     per_fold = n_starts + 1
-    theta0 = np.concatenate([np.concatenate([_theta_of(p, fit)[None], _starts(p, n_starts, seed + 1 + f)]) for f in range(sizes.size)])
+    theta0 = np.concatenate([np.concatenate([_theta_of(p, fit)[None], starts(p, n_starts, seed + 1 + f)]) for f in range(sizes.size)])
     train = np.repeat(np.stack([p.log_n != s for s in sizes]), per_fold, axis=0).astype(float)
-    theta, cost = _batched_lm(p, theta0, train, fit.huber_delta)
+    theta, cost = batched_lm(p, theta0, train, fit.huber_delta)
     folds, all_err = [], []
     for f, s in enumerate(sizes):
         block = slice(f * per_fold, (f + 1) * per_fold)
         rows = np.flatnonzero(p.log_n != s)
-        best = min((_polish(p, theta[block][i], fit.huber_delta, rows) for i in np.argsort(cost[block])[:n_polish]), key=lambda tc: tc[1])[0]
+        best = min((polish(p, theta[block][i], fit.huber_delta, rows) for i in np.argsort(cost[block])[:n_polish]), key=lambda tc: tc[1])[0]
         held = np.flatnonzero(p.log_n == s)
         seen = set(p.key_index[rows])
         ok = np.array([fit.law != "quest" or p.key_index[i] in seen for i in held], dtype=bool)

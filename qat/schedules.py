@@ -19,12 +19,13 @@ def _cosine_ramp(frac: float, start: float, end: float) -> float:
 
 
 def cosine_with_warmup(step: int, total_steps: int, warmup_fraction: float = 0.1, initial_div: float = 100.0, final_div: float = 10.0) -> float:
-    """QuEST's OneCycle schedule: cosine warm-up from lr/initial_div to lr over the first
-    warmup_fraction of the steps, then cosine decay to lr/final_div at the last step."""
-    warmup = max(1, round(warmup_fraction * total_steps))
-    if step < warmup:
-        return _cosine_ramp(step / warmup, 1.0 / initial_div, 1.0)
-    return _cosine_ramp((step - warmup) / max(1, total_steps - warmup), 1.0, 1.0 / final_div)
+    """QuEST's schedule, torch's OneCycleLR step for step: cosine warm-up from lr/initial_div
+    to lr, peaking at step warmup_fraction*total - 1, then cosine decay to lr/final_div at the
+    last step (total - 1)."""
+    peak = warmup_fraction * total_steps - 1
+    if step <= peak:
+        return _cosine_ramp(step / peak, 1.0 / initial_div, 1.0)
+    return _cosine_ramp((step - peak) / max(total_steps - 1 - peak, 1e-9), 1.0, 1.0 / final_div)
 
 
 def warmup_stable_decay(

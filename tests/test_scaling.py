@@ -16,6 +16,7 @@ import pytest
 
 import qat.scaling as scaling
 from qat.results import load_quest_runs, memory_bits
+from qat import scaling_solver
 from qat.scaling import Run, ScalingFit, bootstrap_fit, fit_scaling_law, leave_one_size_out, validate_runs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,13 +61,13 @@ def synthetic_runs(noise: float = 0.0, seed: int = 0, kumar: bool = False) -> li
 @pytest.mark.parametrize("law_name", ["quest", "kumar"])
 def test_jacobian_matches_finite_differences(law_name):
     runs = synthetic_runs(kumar=True)
-    p = scaling._make_problem(runs, law_name)
-    theta = scaling._starts(p, 3, seed=1)
-    _, J = scaling._residuals(p, theta, jac=True)
+    p = scaling_solver.make_problem(runs, law_name)
+    theta = scaling_solver.starts(p, 3, seed=1)
+    _, J = scaling_solver.residuals(p, theta, jac=True)
     eps = 1e-6
-    fd = np.stack([(scaling._residuals(p, theta + eps * e)[0] - scaling._residuals(p, theta - eps * e)[0]) / (2 * eps) for e in np.eye(p.n_params)], axis=-1)
+    fd = np.stack([(scaling_solver.residuals(p, theta + eps * e)[0] - scaling_solver.residuals(p, theta - eps * e)[0]) / (2 * eps) for e in np.eye(p.n_params)], axis=-1)
     np.testing.assert_allclose(J.dense(), fd, atol=1e-7)
-    w, r = np.random.default_rng(0).random(fd.shape[:2]), scaling._residuals(p, theta)[0]
+    w, r = np.random.default_rng(0).random(fd.shape[:2]), scaling_solver.residuals(p, theta)[0]
     grad, H = J.normal_equations(w, r)
     np.testing.assert_allclose(grad, np.einsum("srp,sr->sp", fd, w * r), atol=1e-7)
     np.testing.assert_allclose(H, np.einsum("srp,sr,srq->spq", fd, w, fd), atol=1e-6)
@@ -108,14 +109,14 @@ def test_predict_is_the_law_and_vectorised():
 
 def test_best_start_is_polished_and_kept(monkeypatch):
     polished = []
-    original = scaling._polish
-    monkeypatch.setattr(scaling, "_polish", lambda p, theta, delta, rows=None: polished.append(theta.copy()) or original(p, theta, delta, rows))
+    original = scaling_solver.polish
+    monkeypatch.setattr(scaling, "polish", lambda p, theta, delta, rows=None: polished.append(theta.copy()) or original(p, theta, delta, rows))
     runs = synthetic_runs(noise=1e-3)
     fit = fit_scaling_law(runs, n_starts=64, n_polish=1)
     costs = fit.start_costs
     assert costs.size == 64 and costs.argmin() != costs.size - 1  # keeping the last start would differ
-    p = scaling._make_problem(runs, "quest")
-    theta, _ = scaling._batched_lm(p, scaling._starts(p, 64, 0), np.ones((64, len(runs))), fit.huber_delta)
+    p = scaling_solver.make_problem(runs, "quest")
+    theta, _ = scaling_solver.batched_lm(p, scaling_solver.starts(p, 64, 0), np.ones((64, len(runs))), fit.huber_delta)
     np.testing.assert_array_equal(polished[0], theta[costs.argmin()])
     assert fit.cost <= costs.min() * (1 + 1e-9)
 
