@@ -18,10 +18,7 @@ torch.compile'd, as ratios to bf16.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 
@@ -194,19 +191,6 @@ def goal_lines(kernels: list[dict], models: list[dict]) -> list[str]:
     return lines
 
 
-def write_json_atomic(path: str, payload: dict) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".bench_", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
@@ -217,6 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import triton
 
     from kernels.plan import interpreting
+    from qat.io import atomic_write_json
 
     if interpreting():
         print("error: TRITON_INTERPRET=1 is set; unset it to benchmark compiled kernels", file=sys.stderr)
@@ -243,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         models=models,
         goals=goals,
     )
-    write_json_atomic(args.out, payload)
+    atomic_write_json(args.out, payload)
     print(f"wrote {args.out}")
     return 0
 
