@@ -34,6 +34,6 @@ def reference_quantize(x: torch.Tensor, cfg: QuantizerConfig) -> FusedQuantized:
     grid = make_grid(cfg.bits, cfg.grid)
     with torch.no_grad():
         rms = row_rms(xf)
-    scale = fit_scale_mse(xf.detach(), rms, grid, cfg.bits)
+    scale = fit_scale_mse(xf.detach(), rms, grid)
     qz = ESTIMATORS[cfg.estimator](xf, scale, rms, grid, cfg)
     return FusedQuantized(qz.value.to(x.dtype), qz.codes, qz.grad_mask, scale.squeeze(-1))

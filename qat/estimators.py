@@ -24,7 +24,7 @@ from typing import NamedTuple
 import torch
 
 from qat.config import QuantizerConfig
-from qat.grids import Grid, default_trust, round_to_grid
+from qat.grids import Grid, round_to_grid
 from qat.registry import registrar
 
 
@@ -60,7 +60,7 @@ class MaskedStraightThrough(torch.autograd.Function):
 
 def trust_radius(cfg: QuantizerConfig, grid: Grid) -> float:
     """The trust radius in RMS units (cfg.trust, or half the outermost grid step)."""
-    return cfg.trust if cfg.trust is not None else default_trust(cfg.bits, grid.name)
+    return cfg.trust if cfg.trust is not None else grid.default_trust
 
 
 @register_estimator("trust")

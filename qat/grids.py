@@ -24,11 +24,17 @@ _E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 
 @dataclass(frozen=True)
 class Grid:
-    """A level set in units of s. `center` (steps from 0 to +-1) is set for uniform grids."""
+    """A level set in units of s. `center` (steps from 0 to +-1) is set for uniform grids.
+
+    gaussian_scale and default_trust are derived once here, so that a forward pass only
+    reads constants (no cached-function calls that would break a torch.compile graph).
+    """
 
     name: str
     levels: tuple[float, ...]
     center: float | None
+    gaussian_scale: float = float("nan")  # c(bits): s / RMS minimising the MSE on N(0, 1)
+    default_trust: float = float("nan")  # half the outermost step at that scale, in RMS units
 
     @property
     def uniform(self) -> bool:
@@ -46,20 +52,20 @@ class Grid:
 
 @functools.cache
 def make_grid(bits: int | float, grid: str = "int") -> Grid:
-    """The unit level set of `grid` at `bits` (validated through QuantizerConfig)."""
+    """The unit level set of `grid` at `bits` (validated through QuantizerConfig), with its
+    MSE-optimal Gaussian scale and QuEST's default trust radius."""
     QuantizerConfig(bits=bits, grid=grid, rotation="none")  # one place for the rules
     n = n_levels(bits)
-    if grid == "int":
-        # n points spanning [-1, 1]: +-(k + 1/2) * step for even n (QuEST's grid, no zero).
-        center = (n - 1) / 2
-    elif grid == "int_zero":
-        # symmetric with zero: k * step, |k| <= floor((n - 1) / 2), e.g. [-7, 7] at 4 bits.
-        center = float((n - 1) // 2)
+    if grid in ("int", "int_zero"):
+        # int: n points spanning [-1, 1], +-(k + 1/2) * step for even n (QuEST's grid, no zero).
+        # int_zero: symmetric with zero, k * step with |k| <= floor((n - 1) / 2), e.g. [-7, 7].
+        center = (n - 1) / 2 if grid == "int" else float((n - 1) // 2)
+        levels = tuple(((np.arange(2 * center + 1) - center) / center).tolist())
     else:
         raw = gaussian_levels(bits) if grid == "gaussian" else np.array(sorted({-v for v in _E2M1} | set(_E2M1)))
-        return Grid(grid, tuple((raw / raw[-1]).tolist()), None)
-    levels = (np.arange(2 * center + 1) - center) / center
-    return Grid(grid, tuple(levels.tolist()), center)
+        center, levels = None, tuple((raw / raw[-1]).tolist())
+    c = fit_level_scale(levels)
+    return Grid(grid, levels, center, gaussian_scale=c, default_trust=c * (levels[-1] - levels[-2]) / 2)
 
 
 def optimal_gaussian_scale(bits: int | float, grid: str = "int") -> float:
@@ -69,13 +75,12 @@ def optimal_gaussian_scale(bits: int | float, grid: str = "int") -> float:
     1 bit on the int grid it is E|X| = sqrt(2/pi); for the Lloyd-Max grid it is its
     outermost level (those levels are already MSE-optimal).
     """
-    return fit_level_scale(make_grid(bits, grid).levels)
+    return make_grid(bits, grid).gaussian_scale
 
 
 def default_trust(bits: int | float, grid: str = "int") -> float:
     """QuEST's trust radius in RMS units: half the outermost grid step at the optimal scale."""
-    g = make_grid(bits, grid)
-    return optimal_gaussian_scale(bits, grid) * g.outer_step / 2
+    return make_grid(bits, grid).default_trust
 
 
 @functools.cache

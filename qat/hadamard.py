@@ -27,9 +27,9 @@ def _check_block(dim: int, block: int) -> None:
         )
 
 
-@functools.cache
-def _fht_available() -> bool:
-    return importlib.util.find_spec("fast_hadamard_transform") is not None
+# Looked up once at import (no GPU work): a cached-function call inside the forward would
+# break torch.compile graphs.
+_FHT_AVAILABLE = importlib.util.find_spec("fast_hadamard_transform") is not None
 
 
 def _butterfly(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -56,7 +56,7 @@ def hadamard_transform(x: torch.Tensor, block: int | str = 128) -> torch.Tensor:
     block = dim if block == "full" else int(block)
     _check_block(dim, block)
     scale = 1.0 / math.sqrt(block)
-    if x.is_cuda and block <= _FHT_MAX_BLOCK and _fht_available() and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
+    if x.is_cuda and block <= _FHT_MAX_BLOCK and _FHT_AVAILABLE and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
         from fast_hadamard_transform import hadamard_transform as fht
 
         return fht(x.reshape(-1, block), scale=scale).view(x.shape)

@@ -18,7 +18,7 @@ from torch import nn
 
 from qat.config import QuantizerConfig
 from qat.estimators import ESTIMATORS, Quantized
-from qat.grids import make_grid, optimal_gaussian_scale
+from qat.grids import make_grid
 from qat.hadamard import hadamard_transform
 from qat.scales import SCALE_FITS, row_rms
 from qat.sparsity import two_of_four_mask
@@ -116,14 +116,14 @@ class Quantizer(nn.Module):
 
     def _scale(self, x: torch.Tensor, rms: torch.Tensor) -> torch.Tensor:
         if not self.cfg.learnable_scale:
-            return SCALE_FITS[self.cfg.scale](x, rms, self.grid, self.cfg.bits)
+            return SCALE_FITS[self.cfg.scale](x, rms, self.grid)
         if not bool(self.scale_initialized):
             self._init_learnable_scale(rms)
         return self.scale.abs().clamp_min(1e-8)
 
     @torch.no_grad()
     def _init_learnable_scale(self, rms: torch.Tensor) -> None:
-        init = optimal_gaussian_scale(self.cfg.bits, self.cfg.grid) * rms.mean()
+        init = self.grid.gaussian_scale * rms.mean()
         if dist.is_available() and dist.is_initialized():
             # Ranks see different first batches; parameters must stay identical across ranks.
             dist.all_reduce(init, op=dist.ReduceOp.SUM)

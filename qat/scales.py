@@ -9,13 +9,13 @@ from collections.abc import Callable
 
 import torch
 
-from qat.grids import Grid, optimal_gaussian_scale, round_to_grid
+from qat.grids import Grid, round_to_grid
 from qat.registry import registrar
 
 _TINY = 1e-12  # keeps all-zero rows finite (they quantize to the smallest levels, times ~0)
 MSE_SEARCH_POINTS = 100
 
-ScaleFit = Callable[[torch.Tensor, torch.Tensor, Grid, float], torch.Tensor]
+ScaleFit = Callable[[torch.Tensor, torch.Tensor, Grid], torch.Tensor]
 SCALE_FITS: dict[str, ScaleFit] = {}
 
 
@@ -28,22 +28,22 @@ def row_rms(x: torch.Tensor) -> torch.Tensor:
 
 
 @register_scale("rms_mse")
-def fit_scale_mse(x: torch.Tensor, rms: torch.Tensor, grid: Grid, bits: float) -> torch.Tensor:
+def fit_scale_mse(x: torch.Tensor, rms: torch.Tensor, grid: Grid) -> torch.Tensor:
     """c(bits) * RMS: MSE-optimal if the row is Gaussian (which the Hadamard rotation makes it)."""
-    return optimal_gaussian_scale(bits, grid.name) * rms
+    return grid.gaussian_scale * rms
 
 
 @register_scale("absmax")
-def fit_scale_absmax(x: torch.Tensor, rms: torch.Tensor, grid: Grid, bits: float) -> torch.Tensor:
+def fit_scale_absmax(x: torch.Tensor, rms: torch.Tensor, grid: Grid) -> torch.Tensor:
     return x.abs().amax(dim=-1, keepdim=True).clamp_min(_TINY)
 
 
 @register_scale("mse_search")
-def fit_scale_search(x: torch.Tensor, rms: torch.Tensor, grid: Grid, bits: float) -> torch.Tensor:
+def fit_scale_search(x: torch.Tensor, rms: torch.Tensor, grid: Grid) -> torch.Tensor:
     """Per row, the clip ratio r * absmax (r on a 1/MSE_SEARCH_POINTS grid, plus the
     Gaussian optimum) with the smallest actual squared error."""
-    absmax = fit_scale_absmax(x, rms, grid, bits)
-    best_scale = fit_scale_mse(x, rms, grid, bits)
+    absmax = fit_scale_absmax(x, rms, grid)
+    best_scale = fit_scale_mse(x, rms, grid)
     best_err = (round_to_grid(x, best_scale, grid)[0] - x).square().sum(-1, keepdim=True)
     for i in range(1, MSE_SEARCH_POINTS + 1):
         scale = absmax * (i / MSE_SEARCH_POINTS)

@@ -66,32 +66,43 @@ def _near(ratio: float, other: float) -> bool:
     return abs(other / ratio - 1) <= 0.1
 
 
-def _typical_ratio(runs: Sequence[Run]) -> float:
-    """The most common D/N (runs within 10% count as one; ties go to the larger): the 'main
-    sequence' of a precision. Returned as the median of that cluster."""
-    ratios = np.array([r.D / r.N for r in runs])
-    counts = [(sum(_near(x, y) for y in ratios), x) for x in ratios]
-    center = max(counts)[1]
-    return float(np.median([y for y in ratios if _near(center, y)]))
+def _cluster(values: Sequence[float]) -> tuple[int, float]:
+    """(size, median) of the largest group of values within 10% of each other (ties go to
+    the larger value)."""
+    counts = [(sum(_near(x, y) for y in values), x) for x in values]
+    size, center = max(counts)
+    return size, float(np.median([y for y in values if _near(center, y)]))
+
+
+def _main_sequence(runs: Sequence[Run]) -> tuple[str, float]:
+    """How most runs of a precision chose their token budget: ("D/N", ratio) when D grows
+    with N (the QuEST tables), ("D", tokens) when every size saw the same D (fixed-budget
+    sweeps such as cpu_demo). The fitted curve is drawn along it."""
+    by_ratio = _cluster([r.D / r.N for r in runs])
+    by_tokens = _cluster([r.D for r in runs])
+    return ("D", by_tokens[1]) if by_tokens[0] > by_ratio[0] else ("D/N", by_ratio[1])
 
 
 def plot_loss_vs_memory(runs: Sequence[Run], fit: ScalingFit, path: str | Path) -> Path:
-    """Measured loss vs N x bits, one colour per precision, with the fitted curve at each
-    precision's typical D/N (filled markers: runs at that D/N; hollow: other D/N)."""
+    """Measured loss vs N x bits, one colour per precision, with the fitted curve along each
+    precision's main sequence (a typical D/N, or a fixed D; filled markers: runs on it,
+    hollow: the others)."""
     keys = precision_order(sorted({r.precision for r in runs}))
     colors = _colors(keys)
     fig = Figure(figsize=(8, 5.5))
     ax = fig.add_subplot()
     for key in keys:
         group = [r for r in runs if r.precision == key]
-        bits, ratio = memory_bits(key), _typical_ratio(group)
+        bits, (kind, value) = memory_bits(key), _main_sequence(group)
         N = np.array([r.N for r in group])
-        on_curve = np.array([_near(ratio, r.D / r.N) for r in group])
+        on_curve = np.array([_near(value, r.D / r.N if kind == "D/N" else r.D) for r in group])
         mem, loss = N * bits / 1e6, np.array([r.loss for r in group])
         ax.scatter(mem[on_curve], loss[on_curve], color=colors[key], s=22, zorder=3)
         ax.scatter(mem[~on_curve], loss[~on_curve], facecolors="none", edgecolors=colors[key], s=22, zorder=3)
         grid = np.geomspace(N.min() / 1.3, N.max() * 1.3, 60)
-        ax.plot(grid * bits / 1e6, fit.predict(grid, ratio * grid, key), color=colors[key], lw=1.2, label=f"{key} (D/N={ratio:.0f})")
+        tokens = value * grid if kind == "D/N" else np.full_like(grid, value)
+        label = f"{key} (D/N={value:.0f})" if kind == "D/N" else f"{key} (D={value:.3g})"
+        ax.plot(grid * bits / 1e6, fit.predict(grid, tokens, key), color=colors[key], lw=1.2, label=label)
     ax.set_xscale("log")
     ax.set_xlabel("model memory N x bits (Mbit)")
     ax.set_ylabel("final validation loss")

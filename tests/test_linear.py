@@ -80,3 +80,22 @@ def test_quantized_model_trains():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+@pytest.mark.parametrize("cfg", [W4, QuantizerConfig(bits=2, estimator="clip", clip_scale=1.3), QuantizerConfig(bits=4, sparsity="2:4")])
+def test_quantized_model_compiles_without_graph_breaks(cfg):
+    # fullgraph=True fails on any graph break: the quantizer forward must read only
+    # constants (no cached-function calls, no data-dependent Python control flow).
+    torch.manual_seed(4)
+    model = Llama(llama_config("debug-xs", vocab_size=32))
+    quantize_model(model, cfg, cfg)
+    idx = torch.randint(0, 32, (2, 16))
+    eager = model(idx)
+    eager.sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    out = compiled(idx)
+    out.sum().backward()
+    assert torch.allclose(out, eager, atol=1e-5)
+    assert all(torch.allclose(p.grad, g, atol=1e-5) for p, g in zip(model.parameters(), grads))

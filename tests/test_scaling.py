@@ -358,3 +358,13 @@ def test_advise_precision_on_quest_fit(quest_fit, tmp_path):
     assert f"best: w4a4 with N = 2.500e+08 parameters, D = 1.000e+10 tokens (predicted loss {best:.4f})" in proc.stdout
     bad = run_script("advise_precision.py", "--fit", str(tmp_path / "fit.json"), "--memory-bits", "0", "--tokens", "1e10")
     assert bad.returncode != 0 and "must be a finite number > 0" in bad.stderr
+
+
+def test_plot_curves_follow_the_sweeps_token_budget():
+    from qat.scaling_plots import _main_sequence
+
+    sizes = [2e5, 4e5, 1.6e6]
+    fixed = [Run(N=n, D=4e5, precision="w4a4", loss=1.0) for n in sizes]
+    assert _main_sequence(fixed) == ("D", 4e5)
+    proportional = [Run(N=n, D=100 * n, precision="w4a4", loss=1.0) for n in sizes] + [Run(N=1e6, D=2.5e7, precision="w4a4", loss=1.0)]
+    assert _main_sequence(proportional) == ("D/N", 100.0)
