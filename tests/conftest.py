@@ -15,6 +15,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # One token cache for the whole session (subprocess runs inherit it): the corpus is built once.
 os.environ.setdefault("QAT_CACHE_DIR", tempfile.mkdtemp(prefix="qat-test-cache-"))
 
+# Without a GPU the Triton kernels run in the interpreter. Set before any test module is
+# imported: lightning imports triton, and triton fixes its mode from the environment then.
+import torch  # noqa: E402  (does not import triton)
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 SHARED = ROOT.parent / "shared"
 
 
