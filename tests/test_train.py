@@ -57,6 +57,22 @@ def test_metrics_logged(default_run):
     assert all(0.005 < e < 0.05 for e in errors)  # 4-bit Gaussian optimum is ~0.0115
 
 
+def test_golden_loss_curve(default_run):
+    """Silent numeric regressions (quantizer, model, data order, schedule) move this curve."""
+    import csv
+
+    from conftest import ROOT
+
+    run_dir, _ = default_run
+    golden = json.loads((ROOT / "tests" / "golden" / "debug_w4a4_30steps.json").read_text())
+    rows = [r for f in (run_dir / "logs").rglob("metrics.csv") for r in csv.DictReader(f.open())]
+    train = {r["step"]: float(r["train/loss"]) for r in rows if r.get("train/loss")}
+    for step, loss in golden["train_loss"].items():
+        assert abs(train[step] - loss) < golden["tolerance"], (step, train[step], loss)
+    val = json.loads((run_dir / "results.json").read_text())["val_loss"]
+    assert abs(val - golden["val_loss"]) < golden["tolerance"], (val, golden["val_loss"])
+
+
 def test_resume_continues_from_saved_step(default_run, tmp_path):
     run_dir, _ = default_run
     import shutil
