@@ -98,3 +98,15 @@ def test_experiment_debug_shrink_trains(experiment, tmp_path):
     result = train(cfg, tmp_path)
     assert result["status"] == "completed" and result["step"] == 3
     assert json.loads((tmp_path / "results.json").read_text())["model"] == "debug"
+
+
+def test_every_trainer_argument_is_overridable():
+    import inspect
+
+    import lightning
+
+    owned_by_train_py = {"self", "logger", "callbacks", "plugins", "default_root_dir"}
+    args = set(inspect.signature(lightning.Trainer.__init__).parameters) - owned_by_train_py
+    for preset in ("cpu", "gpu", "ddp", "ddp_cpu", "fsdp"):
+        assert args <= set(_compose(f"trainer={preset}").trainer), preset
+    assert _compose("trainer.profiler=simple", "trainer.max_time=00:01:00:00").trainer.profiler == "simple"
