@@ -9,7 +9,7 @@ from qat import Quantizer, QuantizerConfig, hadamard_transform, make_grid, optim
 from qat.estimators import lsq_grad_scale
 from qat.grids import default_trust
 
-GRID_BITS = [(g, b) for g in ("int", "int_zero", "gaussian") for b in (1, 1.58, 2, 3, 4, 8) if not (g == "int_zero" and b == 1)]
+GRID_BITS = [(g, b) for g in ("int", "int_zero", "gaussian") for b in (1, 1.58, 2, 3, 4, 5, 6, 7, 8) if not (g == "int_zero" and b == 1)]
 GRID_BITS += [("fp4", 4)]
 
 
