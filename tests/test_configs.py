@@ -110,3 +110,29 @@ def test_every_trainer_argument_is_overridable():
     for preset in ("cpu", "gpu", "ddp", "ddp_cpu", "fsdp"):
         assert args <= set(_compose(f"trainer={preset}").trainer), preset
     assert _compose("trainer.profiler=simple", "trainer.max_time=00:01:00:00").trainer.profiler == "simple"
+
+
+def test_multirun_with_ddp_needs_torchrun_or_srun(monkeypatch):
+    from qat.training import DISTRIBUTED_ENV, ConfigError, check_launch
+
+    for key in DISTRIBUTED_ENV:
+        monkeypatch.delenv(key, raising=False)
+    for preset in ("ddp", "ddp_cpu", "fsdp"):
+        cfg = _compose(f"trainer={preset}")
+        check_launch(cfg, multirun=False)  # a single run: Lightning launches the ranks
+        with pytest.raises(ConfigError, match="torchrun or srun"):
+            check_launch(cfg, multirun=True)
+    check_launch(_compose("trainer=cpu"), multirun=True)
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    check_launch(_compose("trainer=ddp"), multirun=True)  # ranks come from SLURM
+
+
+def test_token_budget_sets_max_steps():
+    from qat.training import resolve_max_steps
+
+    cfg = _compose("data.batch_size=16", "data.seq_len=128", "trainer.accumulate_grad_batches=2")
+    assert resolve_max_steps(cfg, 1000) == cfg.trainer.max_steps
+    assert resolve_max_steps(_compose("max_tokens=40960", "data.batch_size=16", "data.seq_len=128"), 1000) == 20
+    # 100 tokens per parameter for 426,624 parameters at 4,096 tokens per step -> ceil(10415.6)
+    cfg = _compose("tokens_per_param=100", "data.batch_size=16", "data.seq_len=128", "trainer.accumulate_grad_batches=2")
+    assert resolve_max_steps(cfg, 426_624) == 10_416
