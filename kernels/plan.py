@@ -21,17 +21,12 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from dataclasses import dataclass
 
 from qat.config import QuantizerConfig
 from qat.estimators import trust_radius
-from qat.grids import make_grid, optimal_gaussian_scale
-
-def interpreting() -> bool:
-    """True when Triton kernels run in its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
+from qat.grids import make_grid
+from qat.quantizer import interpreting  # noqa: F401  (re-exported for the kernels)
 
 ESTIMATOR_CODES = {"trust": 0, "ste": 1, "clip": 2}
 MAX_FUSED_BLOCK = 8192  # one block per tile: 8192 fp32 values per program at most
@@ -61,7 +56,7 @@ def quant_scalars(bits: int | float, grid: str, estimator: str, trust: float | N
     cfg = QuantizerConfig(bits=bits, grid=grid, estimator=estimator, trust=trust, clip_scale=clip_scale, rotation="none")
     g = make_grid(bits, grid)
     return QuantScalars(
-        scale_factor=optimal_gaussian_scale(bits, grid),
+        scale_factor=g.gaussian_scale,
         center=float(g.center),
         trust=float(trust_radius(cfg, g)),
         clip=float(clip_scale),

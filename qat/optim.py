@@ -7,7 +7,7 @@ zero, which is a different method, not a regulariser.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -37,6 +37,3 @@ def build_optimizer(model: nn.Module, optimizer: Callable[..., torch.optim.Optim
     """optimizer: a partial (e.g. AdamW with lr and betas) taking parameter groups."""
     return optimizer(decay_groups(model, weight_decay))
 
-
-def count(groups: Iterable[dict]) -> list[int]:
-    return [sum(p.numel() for p in g["params"]) for g in groups]

@@ -37,7 +37,8 @@ def triton_unsupported_reason(cfg: QuantizerConfig) -> str | None:
     return next((why for ok, why in rules if not ok), None)
 
 
-def _interpreting() -> bool:
+def interpreting() -> bool:
+    """True when Triton kernels run in its CPU interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -63,6 +64,7 @@ class Quantizer(nn.Module):
             # One learnable scale per tensor (LSQ / PACT), initialised on the first batch.
             self.scale = nn.Parameter(torch.ones(()))
             self.register_buffer("scale_initialized", torch.zeros((), dtype=torch.bool))
+        self._triton_supported = triton_unsupported_reason(self.cfg) is None  # fixed per config
         if self.cfg.backend == "triton" and (why := triton_unsupported_reason(self.cfg)):
             raise ValueError(f"backend='triton' does not support {why}; use backend='auto' or 'torch'")
 
@@ -73,13 +75,13 @@ class Quantizer(nn.Module):
         return f"bits={c.bits}, rotation={c.rotation}, grid={c.grid}, scale={c.scale}, estimator={c.estimator}"
 
     def use_triton(self, x: torch.Tensor) -> bool:
-        if self.cfg.backend == "torch" or triton_unsupported_reason(self.cfg):
+        if self.cfg.backend == "torch" or not self._triton_supported:
             return False
         if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             if self.cfg.backend == "triton":
                 raise ValueError(f"backend='triton' supports fp32/bf16/fp16 inputs, got {x.dtype}")
             return False
-        runnable = x.is_cuda or (_interpreting() and x.device.type == "cpu")
+        runnable = x.is_cuda or (interpreting() and x.device.type == "cpu")
         if self.cfg.backend == "triton" and not runnable:
             raise ValueError(f"backend='triton' needs a CUDA tensor (or TRITON_INTERPRET=1), got device {x.device}")
         return runnable if self.cfg.backend == "triton" else x.is_cuda

@@ -51,9 +51,7 @@ def config_errors() -> Iterator[None]:
         if isinstance(cause, (ValueError, MissingMandatoryValue)):
             raise ConfigError(_one_line(cause)) from None
         raise
-    except MissingMandatoryValue as err:
-        raise ConfigError(f"missing value for {err.full_key}: set {err.full_key}=...") from None
-    except ValueError as err:
+    except (MissingMandatoryValue, ValueError) as err:
         raise ConfigError(_one_line(err)) from None
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from typing import Iterable, Sequence
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -40,18 +39,9 @@ def train_byte_level_bpe(texts: Iterable[str], vocab_size: int, eos_token: str, 
 
 
 def save_atomic(tokenizer: Tokenizer, out: str) -> None:
-    directory = os.path.dirname(os.path.abspath(out))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(out) + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        tokenizer.save(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    from qat.io import atomic_write
+
+    atomic_write(out, lambda f: f.write(tokenizer.to_str().encode()))
 
 
 def training_texts(args: argparse.Namespace) -> Iterable[str]:

@@ -18,7 +18,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from itertools import islice
@@ -27,6 +26,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from qat.data.tokenizer import Tokenizer
+from qat.io import atomic_write, atomic_write_json
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
@@ -122,25 +122,20 @@ def _encoded_chunks(documents: Iterable[str], tokenizer: Tokenizer, dtype: np.dt
 def _build(stem: str, parts: dict[str, Any], documents: Iterable[str], tokenizer: Tokenizer, max_tokens: int | None) -> TokenCache:
     dtype = token_dtype(tokenizer.vocab_size)
     counts = np.zeros(tokenizer.vocab_size, dtype=np.int64)
-    num_documents = 0
     start = time.perf_counter()
-    directory = os.path.dirname(stem)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(stem) + ".", suffix=".bin.tmp")
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; caches are shared like any build output
-        with os.fdopen(fd, "wb") as f:
-            for ids, docs in _encoded_chunks(documents, tokenizer, dtype, max_tokens):
-                f.write(ids.tobytes())
-                counts += np.bincount(ids, minlength=tokenizer.vocab_size)
-                num_documents += docs
-        num_tokens = int(counts.sum())
-        if num_tokens - num_documents == 0:
+    num_documents = 0
+
+    def write(f) -> None:  # noqa: ANN001
+        nonlocal num_documents
+        for ids, docs in _encoded_chunks(documents, tokenizer, dtype, max_tokens):
+            f.write(ids.tobytes())
+            counts[:] += np.bincount(ids, minlength=tokenizer.vocab_size)
+            num_documents += docs
+        if int(counts.sum()) - num_documents == 0:
             raise ValueError(f"empty corpus: {parts.get('source', stem)!r} split {parts.get('split')!r} has no text (documents: {num_documents})")
-        os.replace(tmp, stem + ".bin")
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+
+    atomic_write(stem + ".bin", write)  # a failure (or an empty corpus) leaves no file
+    num_tokens = int(counts.sum())
     probs = counts[counts > 0] / num_tokens
     entropy = float(-(probs * np.log(probs)).sum())
     meta = {
@@ -153,19 +148,6 @@ def _build(stem: str, parts: dict[str, Any], documents: Iterable[str], tokenizer
         "seconds": round(time.perf_counter() - start, 3),
         "key": parts,
     }
-    _write_json_atomic(stem + ".json", meta)
+    atomic_write_json(stem + ".json", meta)
     log.info("tokenized %s: %d documents, %d tokens in %.1fs", os.path.basename(stem), num_documents, num_tokens, meta["seconds"])
     return TokenCache(stem + ".bin", num_tokens, num_documents, dtype.name, entropy, True)
-
-
-def _write_json_atomic(path: str, obj: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o644)
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
