@@ -109,6 +109,11 @@ def test_ddp_cpu_matches_single_process(tmp_path):
     assert abs(ddp["val_loss"] - single["val_loss"]) < 2e-3, (ddp["val_loss"], single["val_loss"])
 
 
+def test_tensorboard_logger(tmp_path):
+    run_train(tmp_path, "logger=tensorboard", "trainer.max_steps=4")
+    assert list((tmp_path / "tb").rglob("events.out.tfevents.*"))
+
+
 def test_wandb_offline(tmp_path):
     run_train(tmp_path, "logger=wandb", "trainer.max_steps=4", env={"WANDB_MODE": "offline"})
     assert list((tmp_path / "wandb").glob("offline-run-*"))
