@@ -100,7 +100,7 @@ class LlamaConfig:
 
 
 class RMSNorm(nn.Module):
-    """x * rsqrt(mean(x^2) + eps) * w, in fp32 (bf16 loses the mean of squares), cast back."""
+    """x * rsqrt(mean(x^2) + eps) * w, in fp32 or wider (bf16 loses the mean of squares), cast back."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -108,9 +108,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return (normed * self.weight.float()).to(x.dtype)
+        work = x.to(torch.promote_types(x.dtype, torch.float32))  # fp64 stays fp64
+        normed = work * torch.rsqrt(work.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return (normed * self.weight.to(work.dtype)).to(x.dtype)
 
 
 def rope_table(seq_len: int, head_dim: int, theta: float, device: torch.device) -> torch.Tensor:
@@ -130,9 +130,9 @@ def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs (x[2i], x[2i+1]) of x: [B, T, H, hd] by table: [T, hd/2, 2].
 
     Equivalent to multiplying the complex number x[2i] + j*x[2i+1] by exp(j * angle).
-    Done in fp32 and cast back to x's dtype.
+    Done in fp32 (fp64 for fp64 inputs) and cast back to x's dtype.
     """
-    pairs = x.float().unflatten(-1, (-1, 2))  # [B, T, H, hd/2, 2]
+    pairs = x.to(torch.promote_types(x.dtype, torch.float32)).unflatten(-1, (-1, 2))  # [B, T, H, hd/2, 2]
     x0, x1 = pairs[..., 0], pairs[..., 1]  # [B, T, H, hd/2]
     cos = table[:, None, :, 0]  # [T, 1, hd/2], broadcasts over batch and heads
     sin = table[:, None, :, 1]

@@ -77,7 +77,9 @@ class QATModule(L.LightningModule):
     def _loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         x, y = batch
         logits = self.net(x)
-        return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+        # fp32 at least (bf16 logits lose the log-sum-exp); fp64 runs stay fp64 end to end.
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        return F.cross_entropy(logits.flatten(0, 1), y.flatten())
 
     # ----- training -----
     def _telemetry_step(self, batch_idx: int) -> bool:
