@@ -1,8 +1,18 @@
 """Train a (quantized) Llama: `python train.py [group=option ...] [key=value ...]`.
 
-The lifecycle, in order: data -> plain model -> quantize (convert) -> compile ->
-optimizer/scheduler -> Lightning Trainer -> fit (resuming from the run's last checkpoint)
--> final validation -> results.json. See README.md for the config groups.
+The lifecycle, in this order and nowhere else:
+
+    0. checks      every config fact once (run schema, quantizers, batch shape, launch)
+    1. data        tokenizer, data module; text tokenized once into a cache
+    2. model       the plain Llama (on the meta device for large sizes, then initialised)
+    3. quantize    nn.Linear -> QuantLinear (build_net does 2 and 3: one builder for all)
+    4. compile     optional, after quantization (state-dict keys stay the plain model's)
+    5. module      the LightningModule receives the net, optimizer and scheduler partials
+    6. trainer     checkpoints (atomic), telemetry callback, run record
+    7. fit         resuming from the run's last checkpoint, then a final validation
+    8. results     results.json, and a summary line
+
+See README.md for the config groups.
 """
 
 from __future__ import annotations
@@ -20,47 +30,44 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from models import MODEL_SIZES, Llama, flops_per_token, llama_config
-from qat.lit_module import QATModule
-from qat.training import (
-    CHECKPOINT_DIR,
-    LAST_CHECKPOINT,
-    AtomicCheckpointIO,
+from models import MODEL_SIZES, flops_per_token
+from qat.train.checkpoint import CHECKPOINT_DIR, LAST_CHECKPOINT, AtomicCheckpointIO, checkpoint_step, last_checkpoint
+from qat.train.lifecycle import build_net
+from qat.train.lit_module import QATModule
+from qat.train.run_config import (
     ConfigError,
-    RunRecord,
-    StepRecorder,
+    RunConfig,
+    check_batch_shape,
     check_launch,
-    check_positive_int,
-    checkpoint_step,
     config_errors,
-    fail,
-    is_completed,
-    last_checkpoint,
     quantizer_configs,
-    read_results,
     resolve_max_steps,
+    tokens_per_step,
 )
+from qat.train.run_record import RunRecord, StepRecorder, fail, is_completed, read_results
+from qat.train.telemetry import QuantTelemetry
 
 
 class Parts(NamedTuple):
+    run: RunConfig
     module: QATModule
     datamodule: L.LightningDataModule
     max_steps: int
 
 
 def build(cfg: DictConfig, run_dir: Path, multirun: bool) -> Parts | None:
-    """Steps 0-3 of the lifecycle; None when the run is already completed and may be skipped."""
-    # 0. Checks that cost nothing.
-    weight_quant, activation_quant = quantizer_configs(cfg)
+    """Steps 0-5 of the lifecycle; None when the run is already completed and may be skipped."""
+    # 0. Checks that cost nothing, each made once.
+    run = RunConfig.from_cfg(cfg)
+    quantizer_configs(cfg)
+    check_batch_shape(cfg)
     check_launch(cfg, multirun)
-    for key in ("data.seq_len", "data.batch_size", "trainer.accumulate_grad_batches"):
-        check_positive_int(cfg, key, 2 if key == "data.seq_len" else 1)
     if cfg.model.size not in MODEL_SIZES:
         raise ConfigError(f"model.size={cfg.model.size!r} is not allowed; choose one of {', '.join(MODEL_SIZES)}")
-    if cfg.skip_completed and is_completed(run_dir):
+    if run.skip_completed and is_completed(run_dir):
         print(f"skipping {run_dir}: results.json says completed")
         return None
-    L.seed_everything(cfg.seed, workers=True)
+    L.seed_everything(run.seed, workers=True)
 
     # 1. Data: tokenized once into a cache (rank 0 here; the other ranks then hit the cache).
     tokenizer = instantiate(cfg.tokenizer)
@@ -68,27 +75,24 @@ def build(cfg: DictConfig, run_dir: Path, multirun: bool) -> Parts | None:
     if int(os.environ.get("LOCAL_RANK", 0)) == 0:
         datamodule.prepare_data()
 
-    # 2. The plain model (models/ knows nothing about quantization).
-    model_args = OmegaConf.to_container(cfg.model, resolve=True)
-    net_cfg = llama_config(vocab_size=tokenizer.vocab_size, max_seq_len=cfg.data.seq_len, **model_args)
-    net = Llama(net_cfg)
+    # 2-3. The plain model (models/ knows nothing about quantization), then quantized.
+    net = build_net(cfg, tokenizer.vocab_size)
     max_steps = resolve_max_steps(cfg, net.num_params(non_embedding=True))
 
-    # 3. Quantize -> compile -> optimizer/scheduler, in that order, inside the module.
+    # 4. Compile after quantization, in place (state-dict keys stay the plain model's).
+    if run.compile:
+        net.compile()
+
+    # 5. The module receives its parts; the optimizer partial carries lr and weight decay.
     lr = cfg.optimizer.lr if cfg.optimizer.lr is not None else MODEL_SIZES[cfg.model.size].peak_lr
     module = QATModule(
         net,
         optimizer=instantiate(cfg.optimizer, lr=lr),
         scheduler=instantiate(cfg.scheduler),
-        weight_quant=weight_quant,
-        activation_quant=activation_quant,
-        weight_decay=cfg.optimizer.weight_decay,
-        compile=cfg.compile,
-        telemetry_every=cfg.telemetry_every,
-        flops_per_token=flops_per_token(net_cfg, cfg.data.seq_len),
+        flops_per_token=flops_per_token(net.cfg, cfg.data.seq_len),
         extra_checkpoint={"config": OmegaConf.to_container(cfg, resolve=True)},
     )
-    return Parts(module, datamodule, max_steps)
+    return Parts(run, module, datamodule, max_steps)
 
 
 def train(cfg: DictConfig, run_dir: Path, multirun: bool = False, overrides: list[str] | None = None) -> dict:
@@ -96,12 +100,11 @@ def train(cfg: DictConfig, run_dir: Path, multirun: bool = False, overrides: lis
         parts = build(cfg, run_dir, multirun)
     if parts is None:
         return read_results(run_dir)
-    module, datamodule, max_steps = parts
-    net, weight_quant, activation_quant = module.net, module.weight_quant, module.activation_quant
+    run, module, datamodule, max_steps = parts
+    weight_quant, activation_quant = quantizer_configs(cfg)
 
-    # 4. Trainer, checkpoints every N steps plus last, written atomically.
-    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * cfg.trainer.get("accumulate_grad_batches", 1)
-    every = cfg.checkpoint.every_n_steps
+    # 6. Trainer: checkpoints every N steps plus last, written atomically; telemetry; record.
+    every = run.checkpoint.every_n_steps
     trainer = instantiate(
         cfg.trainer,
         max_steps=max_steps,
@@ -114,17 +117,19 @@ def train(cfg: DictConfig, run_dir: Path, multirun: bool = False, overrides: lis
                 filename="step{step:07d}",
                 auto_insert_metric_name=False,
                 every_n_train_steps=every,
-                save_top_k=-1 if cfg.checkpoint.keep_all else 0,
+                save_top_k=-1 if run.checkpoint.keep_all else 0,
                 save_last=True,
             ),
+            QuantTelemetry(run.telemetry_every),
         ],
     )
+    net = module.net
     record = RunRecord(run_dir, cfg, weight_quant, activation_quant, trainer.global_rank, overrides or [])
     record.update(non_embedding_params=net.num_params(non_embedding=True), total_params=net.num_params(non_embedding=False), max_steps=max_steps)
-    trainer.callbacks.append(StepRecorder(record, tokens_per_step, every))
+    trainer.callbacks.append(StepRecorder(record, tokens_per_step(cfg), every))
 
-    # 5. Fit (resuming from last.ckpt of this run directory), then a final validation.
-    ckpt = last_checkpoint(run_dir) if cfg.resume else None
+    # 7. Fit (resuming from last.ckpt of this run directory), then a final validation.
+    ckpt = last_checkpoint(run_dir) if run.resume else None
     start_step = checkpoint_step(ckpt) if ckpt else 0
     if ckpt and trainer.is_global_zero:
         print(f"resumed from step {start_step} ({ckpt})")
@@ -140,12 +145,13 @@ def train(cfg: DictConfig, run_dir: Path, multirun: bool = False, overrides: lis
         record.write("failed")
         raise
 
-    trained_tokens = (trainer.global_step - start_step) * tokens_per_step
+    # 8. Results.
+    trained_tokens = (trainer.global_step - start_step) * tokens_per_step(cfg)
     record.update(
         val_loss=float(metrics["val/loss"]),
         val_ppl=float(metrics["val/ppl"]),
         step=trainer.global_step,
-        tokens=trainer.global_step * tokens_per_step,
+        tokens=trainer.global_step * tokens_per_step(cfg),
         tokens_per_s=trained_tokens / train_time if trained_tokens else None,
         loss_floor=datamodule.loss_floor,
         unigram_loss=datamodule.unigram_loss,

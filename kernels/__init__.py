@@ -1,16 +1,28 @@
 """Fused Triton kernels for the QAT training path.
 
-`fused_quantize(x, cfg)` computes what `qat.Quantizer(cfg).forward` computes (Hadamard
-rotation, RMS scale, grid rounding, the estimator's gradient mask) in one pass over
-memory, with a fused backward H(g ⊙ mask). Importing this package does not import
-Triton; the kernels are built on first use.
+`fused_quantize_rows(x, block, scalars)` computes what the torch fake-quantizer computes
+(Hadamard rotation, RMS scale, grid rounding, the estimator's gradient mask) in one pass
+over memory, with a fused backward H(g ⊙ mask). This package is the lowest layer: it
+imports nothing from `qat` or `models`; the caller (`qat.quant.fused`) derives the constants
+from its config and grid. Importing it does not import Triton; kernels are built on first use.
+Their reference is the library's own torch path, `qat.quant.fake_quantize`.
 
-Read first: plan.py (tiling and constants), hadamard_quant.py (the kernels), ops.py
-(custom ops, autograd, the public functions), reference.py (the torch reference);
-aot.py compiles the kernels for Hopper without a GPU (registers, shared memory, PTX checks).
+Read first: support.py (the one backend decision), plan.py (tiling, constants),
+hadamard_quant.py (the kernels), ops.py (custom ops, autograd); aot.py compiles the kernels
+for Hopper without a GPU (registers, shared memory, PTX checks).
 """
 
-from kernels.ops import FusedQuantized, fused_quantize, fused_quantize_rows
-from kernels.plan import MAX_FUSED_BLOCK
+from kernels.ops import FusedQuantized, fused_quantize_rows
+from kernels.plan import MAX_FUSED_BLOCK, QuantScalars, interpreting
+from kernels.support import tensor_unsupported_reason, unsupported_config_reason, use_triton
 
-__all__ = ["MAX_FUSED_BLOCK", "FusedQuantized", "fused_quantize", "fused_quantize_rows"]
+__all__ = [
+    "MAX_FUSED_BLOCK",
+    "FusedQuantized",
+    "QuantScalars",
+    "fused_quantize_rows",
+    "interpreting",
+    "tensor_unsupported_reason",
+    "unsupported_config_reason",
+    "use_triton",
+]

@@ -19,7 +19,7 @@ Forward, per program: `block_m` rows, swept in [block_m, tile_k] tiles (see plan
   block_m * K values (8 rows: 64 KB of bf16 at K = 4096), so with ~2 programs per SM the
   re-read hits L2: DRAM traffic stays one read of x plus one write of each output, and
   the second sweep costs L2 bandwidth, not a second rotation.
-- Rounding repeats `qat.grids.round_to_grid`'s float ops one by one: t = xr / s (IEEE
+- Rounding repeats the torch path's rounding (`round_to_grid`) float ops one by one: t = xr / s (IEEE
   division), clamp to [-1, 1], floor(t * center + (center + 1/2)), q = (code - center) *
   (s / center). Kernels are launched with fp fusion off so that t * center + offset is
   not contracted into an FMA (which would round differently from torch).
@@ -232,7 +232,7 @@ def _on_device(device: torch.device):
 
 
 def _inv_sqrt(block: int) -> float:
-    return 1.0 / math.sqrt(block) if block else 1.0  # the same double as qat.hadamard_transform
+    return 1.0 / math.sqrt(block) if block else 1.0  # the same double as the torch Hadamard path
 
 
 def quantize_rows(x: torch.Tensor, tiling: Tiling, sc: QuantScalars, with_codes: bool):

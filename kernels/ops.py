@@ -1,4 +1,4 @@
-"""torch wiring of the fused kernels: two custom ops, their autograd formula, `fused_quantize`.
+"""torch wiring of the fused kernels: two custom ops, their autograd formula, `fused_quantize_rows`.
 
 The kernels are wrapped in `torch.library.custom_op`s with fake (meta) implementations, so
 `torch.compile` traces through `fused_quantize` without graph breaks and treats each kernel
@@ -8,9 +8,8 @@ compiled backward graph holds it too):
     value = quantize_rows(x)            d value / d x = H^T (g ⊙ mask) = H (g ⊙ mask)
 
 which is what autograd gives through `hadamard_transform` + `MaskedStraightThrough` on the
-torch path. The ops take the config's plain fields, not derived constants: the constants
-(c(bits), grid centre, trust radius) are computed on the host inside the op, cached, and
-never traced.
+torch path. The ops take plain scalars (c(bits), grid centre, trust radius, clip), derived
+once by the caller on the host and never traced.
 """
 
 from __future__ import annotations
@@ -21,17 +20,12 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from qat.config import QuantizerConfig, parse_bits
-from qat.estimators import Quantized
-from qat.hadamard import hadamard_transform
-from qat.quantizer import triton_unsupported_reason
-from kernels.plan import MAX_FUSED_BLOCK, interpreting, quant_scalars, rotation_block, tiling_for
-
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+from kernels.plan import MAX_FUSED_BLOCK, QuantScalars, tiling_for
+from kernels.support import use_triton
 
 
 class FusedQuantized(NamedTuple):
-    """`Quantized` plus the per-row scale s (fp32, x's leading shape): what export needs."""
+    """One fused quantization: value, codes, gradient mask and the per-row scale s (fp32)."""
 
     value: Tensor
     codes: Tensor | None  # int32 grid indices, None unless requested
@@ -50,15 +44,15 @@ def _triton_kernels():
 
 @torch.library.custom_op("qat_kernels::quantize_rows", mutates_args=())
 def quantize_rows(
-    x: Tensor, block: int, bits: float, grid: str, estimator: str, trust: float | None, clip_scale: float, with_codes: bool
+    x: Tensor, block: int, scale_factor: float, center: float, trust: float, clip: float, estimator: str, with_codes: bool
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """[M, K] -> (value, mask uint8 (empty for ste), scale fp32 [M], codes int32 (empty unless with_codes))."""
-    sc = quant_scalars(parse_bits(bits), grid, estimator, trust, clip_scale)
+    sc = QuantScalars(scale_factor, center, trust, clip, estimator)
     return _triton_kernels().quantize_rows(x.contiguous(), tiling_for(x.shape[1], block), sc, with_codes)
 
 
 @quantize_rows.register_fake
-def _quantize_rows_fake(x, block, bits, grid, estimator, trust, clip_scale, with_codes):
+def _quantize_rows_fake(x, block, scale_factor, center, trust, clip, estimator, with_codes):
     m, k = x.shape
     mask = x.new_empty((m, k) if estimator != "ste" else (0,), dtype=torch.uint8)
     codes = x.new_empty((m, k) if with_codes else (0,), dtype=torch.int32)
@@ -90,45 +84,27 @@ def _backward(ctx, grad_value: Tensor, *_unused: Tensor):
 quantize_rows.register_autograd(_backward, setup_context=_setup_backward)
 
 
-def _check(x: Tensor, cfg: QuantizerConfig) -> None:
-    if why := triton_unsupported_reason(cfg):
-        raise ValueError(f"the fused Triton kernels do not support {why}; use backend='torch'")
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"fused quantization of dtype {x.dtype} is not supported; use float32, bfloat16 or float16")
-    if not (x.is_cuda or (x.device.type == "cpu" and interpreting())):
-        raise ValueError(f"the fused Triton kernels need a CUDA tensor (or TRITON_INTERPRET=1), got device {x.device}")
-    if x.dim() == 0 or x.shape[-1] == 0:
-        raise ValueError(f"fused quantization needs a non-empty last dim (the row), got shape {tuple(x.shape)}")
+def fused_quantize_rows(x: Tensor, block: int, scalars: QuantScalars, *, with_codes: bool = True) -> FusedQuantized:
+    """Fake-quantize x [..., K] row-wise: rotate by Hadamard blocks of `block` along K (0 = none;
+    the caller has resolved and validated it, and rotates blocks above MAX_FUSED_BLOCK itself),
+    RMS scale, round, and the estimator's gradient mask, in one pass over memory.
 
-
-def fused_quantize_rows(x: Tensor, cfg: QuantizerConfig, *, with_codes: bool = True) -> FusedQuantized:
-    """Fake-quantize x [..., K] row-wise in the rotated basis, with the per-row scale (see fused_quantize)."""
-    _check(x, cfg)
-    dim = x.shape[-1]
-    block = rotation_block(cfg, dim)
-    rows = x.reshape(-1, dim)
+    x: float32 / bfloat16 / float16 on CUDA (or CPU under TRITON_INTERPRET=1).
+    Returns value in x's shape and dtype, in the rotated basis, differentiable (d value / d x =
+    H (g ⊙ mask)); codes int32 grid indices (None when with_codes=False, which skips writing
+    them: training never reads codes); grad_mask bool; the per-row scale fp32 (x's leading shape).
+    """
+    use_triton("triton", None, x)  # one-line error for a dtype or device the kernels cannot take
     if block > MAX_FUSED_BLOCK:
-        # A block this long does not fit one program's registers: rotate first (same
-        # function, same rounding to x's dtype as the torch path), quantize unrotated.
-        rows, block = hadamard_transform(rows, block), 0
+        raise ValueError(f"Hadamard block {block} exceeds the fused kernel's {MAX_FUSED_BLOCK}; rotate beforehand and pass block=0")
+    dim = x.shape[-1]
+    rows = x.reshape(-1, dim)
+    sc = scalars
     value, mask, scale, codes = torch.ops.qat_kernels.quantize_rows(
-        rows, block, float(cfg.bits), cfg.grid, cfg.estimator, cfg.trust, float(cfg.clip_scale), with_codes
+        rows, block, sc.scale_factor, sc.center, sc.trust, sc.clip, sc.estimator, with_codes
     )
-    if cfg.estimator == "ste":
+    if sc.estimator == "ste":
         grad_mask = torch.ones((), dtype=torch.bool, device=x.device).expand(x.shape)  # no memory
     else:
         grad_mask = mask.view(torch.bool).view(x.shape)
     return FusedQuantized(value.view(x.shape), codes.view(x.shape) if with_codes else None, grad_mask, scale.view(x.shape[:-1]))
-
-
-def fused_quantize(x: Tensor, cfg: QuantizerConfig, *, with_codes: bool = True) -> Quantized:
-    """The fused equivalent of `Quantizer(cfg).forward` for configs where
-    `triton_unsupported_reason(cfg) is None`.
-
-    x: [..., K] float32 / bfloat16 / float16, on CUDA (or CPU under TRITON_INTERPRET=1).
-    Returns Quantized(value, codes, grad_mask): value in x's shape and dtype, in the rotated
-    basis, differentiable (d value / d x = H (g ⊙ mask)); codes int32 grid indices (None when
-    with_codes=False, which skips writing them: training never reads codes); grad_mask bool.
-    """
-    value, codes, grad_mask, _ = fused_quantize_rows(x, cfg, with_codes=with_codes)
-    return Quantized(value, codes, grad_mask)

@@ -1,8 +1,8 @@
 """Host-side plan of one fused quantization: the kernel scalars, the tiling, the Hadamard factors.
 
-Everything the Triton kernels need but should not recompute per element is derived here
-once, on the host, from the same qat functions the torch path uses (grid centre, the
-MSE-optimal Gaussian scale c(bits), the trust radius), and cached.
+Everything the Triton kernels need but should not recompute per element is derived once, on
+the host: the tiling and Hadamard factors here, the per-quantizer constants (grid centre,
+c(bits), trust radius) by the caller, who passes them as a `QuantScalars`.
 
 Rotation by a Hadamard block b along K is done with tensor-core matmuls against ±1
 matrices (exact in every dtype; the 1/sqrt(b) is applied afterwards in fp32):
@@ -13,20 +13,16 @@ matrices (exact in every dtype; the 1/sqrt(b) is applied afterwards in fp32):
 - 128 < b <= MAX_FUSED_BLOCK: the Sylvester identity H_b = H_outer ⊗ H_inner with both
   factors >= 16 (e.g. 4096 = 64 x 64): multiply by H_inner along the inner index, then by
   H_outer along the outer one (a transpose in registers). The tile is one whole block.
-- b > MAX_FUSED_BLOCK: rotated beforehand by `qat.hadamard_transform`, then quantized
-  by the kernel without rotation (a tile of b fp32 values no longer fits in registers).
+- b > MAX_FUSED_BLOCK: the caller rotates beforehand and asks for no rotation (a tile of b
+  fp32 values no longer fits in registers).
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import os
 from dataclasses import dataclass
-
-from qat.config import QuantizerConfig
-from qat.estimators import trust_radius
-from qat.grids import make_grid
-from qat.quantizer import interpreting  # noqa: F401  (re-exported for the kernels)
 
 ESTIMATOR_CODES = {"trust": 0, "ste": 1, "clip": 2}
 MAX_FUSED_BLOCK = 8192  # one block per tile: 8192 fp32 values per program at most
@@ -39,45 +35,25 @@ MAX_TILE_K = 1024  # columns per tile when a row spans several tiles
 NUM_WARPS = 8  # two warpgroups: 32 fp32 values of an 8192-element tile per thread
 
 
+def interpreting() -> bool:
+    """True when Triton kernels run in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 @dataclass(frozen=True)
 class QuantScalars:
-    """Per-config constants passed to the kernel as scalars (fp32 there)."""
+    """Per-quantizer constants passed to the kernel as scalars (fp32 there). The caller derives
+    them from its grid once (kernels know nothing of configs or grids)."""
 
     scale_factor: float  # c(bits): s = c * rms
-    center: float  # grid.center: codes run over 0 .. 2 * center
+    center: float  # grid centre: codes run over 0 .. 2 * center
     trust: float  # trust radius in RMS units (trust estimator)
     clip: float  # clip_scale (clip estimator)
     estimator: str
 
-
-@functools.cache
-def quant_scalars(bits: int | float, grid: str, estimator: str, trust: float | None, clip_scale: float) -> QuantScalars:
-    """Constants of one quantizer; arguments are plain values so the result is cacheable."""
-    cfg = QuantizerConfig(bits=bits, grid=grid, estimator=estimator, trust=trust, clip_scale=clip_scale, rotation="none")
-    g = make_grid(bits, grid)
-    return QuantScalars(
-        scale_factor=g.gaussian_scale,
-        center=float(g.center),
-        trust=float(trust_radius(cfg, g)),
-        clip=float(clip_scale),
-        estimator=estimator,
-    )
-
-
-def scalars_for(cfg: QuantizerConfig) -> QuantScalars:
-    return quant_scalars(cfg.bits, cfg.grid, cfg.estimator, cfg.trust, cfg.clip_scale)
-
-
-def rotation_block(cfg: QuantizerConfig, dim: int) -> int:
-    """The Hadamard block along a last dim of `dim` (0 = no rotation); validated like the torch path."""
-    if cfg.rotation == "none":
-        return 0
-    block = cfg.block_for(dim)
-    if block < 2 or block & (block - 1):
-        raise ValueError(f"hadamard_block='full' needs a power-of-two last dim, got {dim}")
-    if dim % block:
-        raise ValueError(f"last dim {dim} is not divisible by the Hadamard block {block}; choose hadamard_block dividing it")
-    return block
+    def __post_init__(self) -> None:
+        if self.estimator not in ESTIMATOR_CODES:
+            raise ValueError(f"estimator={self.estimator!r} is not fused; choose one of {', '.join(ESTIMATOR_CODES)}")
 
 
 @dataclass(frozen=True)
@@ -99,10 +75,6 @@ class Tiling:
     @property
     def rotate(self) -> bool:
         return self.block > 0
-
-    @property
-    def two_stage(self) -> bool:
-        return self.outer > 1
 
 
 def _next_pow2(n: int) -> int:

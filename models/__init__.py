@@ -1,7 +1,7 @@
 """Plain Llama model and its named sizes. Knows nothing about quantization."""
 
 from models.llama import Llama, LlamaConfig, flops_per_token
-from models.sizes import MODEL_SIZES, ModelSize, llama_config, non_embedding_params, token_budget
+from models.sizes import MODEL_SIZES, ModelSize, llama_config, non_embedding_params
 
 __all__ = [
     "Llama",
@@ -11,5 +11,4 @@ __all__ = [
     "flops_per_token",
     "llama_config",
     "non_embedding_params",
-    "token_budget",
 ]

@@ -1,4 +1,4 @@
-"""Named model sizes: the one table of shapes, peak learning rates and token budgets.
+"""Named model sizes: the one table of shapes and peak learning rates.
 
 The QuEST rows reproduce the published training scripts (30M ... 1.6B). The CPU rows
 are for tests and smoke runs: every linear's input dim (d_model and the SwiGLU hidden
@@ -12,10 +12,6 @@ import torch
 
 from models.llama import Llama, LlamaConfig
 
-# Token budget for rows that do not state one: the compute-optimal-ish ratio QuEST
-# trains every size at (D/N ~ 100, counting non-embedding parameters).
-TOKENS_PER_PARAM = 100
-
 
 @dataclass(frozen=True)
 class ModelSize:
@@ -24,35 +20,32 @@ class ModelSize:
     d_model: int
     n_head: int
     peak_lr: float
-    tokens: int | None  # None = TOKENS_PER_PARAM * non-embedding params, see token_budget()
     multiple_of: int = 256
     n_kv_head: int | None = None
 
     def __post_init__(self) -> None:
         if not self.peak_lr > 0:
             raise ValueError(f"peak_lr={self.peak_lr!r} for size {self.name!r}: must be positive")
-        if self.tokens is not None and not self.tokens > 0:
-            raise ValueError(f"tokens={self.tokens!r} for size {self.name!r}: must be positive or None")
 
 
 MODEL_SIZES: dict[str, ModelSize] = {
     s.name: s
     for s in [
         # CPU sizes (head_dim 64); multiple_of 128 keeps the hidden size a multiple of 128.
-        ModelSize("debug-xs", n_layer=1, d_model=128, n_head=2, peak_lr=3e-3, tokens=None, multiple_of=128),
-        ModelSize("debug", n_layer=2, d_model=128, n_head=2, peak_lr=3e-3, tokens=None, multiple_of=128),
-        ModelSize("debug-l", n_layer=2, d_model=256, n_head=4, peak_lr=3e-3, tokens=None, multiple_of=128),
+        ModelSize("debug-xs", n_layer=1, d_model=128, n_head=2, peak_lr=3e-3, multiple_of=128),
+        ModelSize("debug", n_layer=2, d_model=128, n_head=2, peak_lr=3e-3, multiple_of=128),
+        ModelSize("debug-l", n_layer=2, d_model=256, n_head=4, peak_lr=3e-3, multiple_of=128),
         # QuEST sizes (head_dim 128); the LR halves each time the size roughly doubles.
-        ModelSize("30M", n_layer=6, d_model=640, n_head=5, peak_lr=1.2e-3, tokens=3_000_000_000),
-        ModelSize("50M", n_layer=7, d_model=768, n_head=6, peak_lr=1.2e-3, tokens=5_000_000_000),
-        ModelSize("100M", n_layer=8, d_model=1024, n_head=8, peak_lr=6e-4, tokens=10_000_000_000),
-        ModelSize("200M", n_layer=10, d_model=1280, n_head=10, peak_lr=3e-4, tokens=20_000_000_000),
-        ModelSize("430M", n_layer=13, d_model=1664, n_head=13, peak_lr=1.5e-4, tokens=43_000_000_000),
-        ModelSize("800M", n_layer=16, d_model=2048, n_head=16, peak_lr=7.5e-5, tokens=80_000_000_000),
-        ModelSize("1.6B", n_layer=20, d_model=2560, n_head=20, peak_lr=3.75e-5, tokens=160_000_000_000),
+        ModelSize("30M", n_layer=6, d_model=640, n_head=5, peak_lr=1.2e-3),
+        ModelSize("50M", n_layer=7, d_model=768, n_head=6, peak_lr=1.2e-3),
+        ModelSize("100M", n_layer=8, d_model=1024, n_head=8, peak_lr=6e-4),
+        ModelSize("200M", n_layer=10, d_model=1280, n_head=10, peak_lr=3e-4),
+        ModelSize("430M", n_layer=13, d_model=1664, n_head=13, peak_lr=1.5e-4),
+        ModelSize("800M", n_layer=16, d_model=2048, n_head=16, peak_lr=7.5e-5),
+        ModelSize("1.6B", n_layer=20, d_model=2560, n_head=20, peak_lr=3.75e-5),
         # Our extrapolation, not a published run: shape from the reference scripts' unused
-        # "3200M" block, LR continuing the halving rule, D/N = 100.
-        ModelSize("3.2B", n_layer=28, d_model=3072, n_head=24, peak_lr=1.875e-5, tokens=None),
+        # "3200M" block, LR continuing the halving rule.
+        ModelSize("3.2B", n_layer=28, d_model=3072, n_head=24, peak_lr=1.875e-5),
     ]
 }
 
@@ -87,9 +80,3 @@ def non_embedding_params(size: str) -> int:
     It does not depend on the vocabulary, so any vocab_size works."""
     with torch.device("meta"):
         return Llama(llama_config(size, vocab_size=1)).num_params(non_embedding=True)
-
-
-def token_budget(size: str) -> int:
-    """Training tokens for a named size: the table's value, else TOKENS_PER_PARAM * N."""
-    s = _size(size)
-    return s.tokens if s.tokens is not None else TOKENS_PER_PARAM * non_embedding_params(size)

@@ -1,6 +1,6 @@
 """Quantization-aware training: QuEST (Hadamard + MSE-optimal scale + trust estimator) and baselines.
 
-Public names resolve lazily so that `import qat.scaling` (numpy/scipy only) and the CLI
+Public names resolve lazily so that `import qat.scaling.law` (numpy/scipy only) and the CLI
 scripts start without importing torch.
 """
 
@@ -10,23 +10,24 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
-    "QuantizerConfig": "qat.config",
-    "n_levels": "qat.config",
-    "quantize_model": "qat.convert",
-    "quantizers": "qat.convert",
-    "ESTIMATORS": "qat.estimators",
-    "Quantized": "qat.estimators",
-    "gaussian_levels": "qat.gaussian",
-    "quantization_mse": "qat.gaussian",
-    "Grid": "qat.grids",
-    "default_trust": "qat.grids",
-    "make_grid": "qat.grids",
-    "optimal_gaussian_scale": "qat.grids",
-    "round_to_grid": "qat.grids",
-    "hadamard_matrix": "qat.hadamard",
-    "hadamard_transform": "qat.hadamard",
-    "QuantLinear": "qat.linear",
-    "Quantizer": "qat.quantizer",
+    "QuantizerConfig": "qat.quant.config",
+    "n_levels": "qat.quant.bits",
+    "fake_quantize": "qat.quant.quantizer",
+    "quantize_model": "qat.quant.convert",
+    "quantizers": "qat.quant.convert",
+    "ESTIMATORS": "qat.quant.estimators",
+    "Quantized": "qat.quant.estimators",
+    "gaussian_levels": "qat.quant.gaussian",
+    "quantization_mse": "qat.quant.gaussian",
+    "Grid": "qat.quant.grids",
+    "default_trust": "qat.quant.grids",
+    "make_grid": "qat.quant.grids",
+    "optimal_gaussian_scale": "qat.quant.grids",
+    "round_to_grid": "qat.quant.grids",
+    "hadamard_matrix": "qat.quant.hadamard",
+    "hadamard_transform": "qat.quant.hadamard",
+    "QuantLinear": "qat.quant.linear",
+    "Quantizer": "qat.quant.quantizer",
 }
 __all__ = sorted(_EXPORTS)
 
@@ -40,11 +41,12 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:
-    from qat.config import QuantizerConfig, n_levels
-    from qat.convert import quantize_model, quantizers
-    from qat.estimators import ESTIMATORS, Quantized
-    from qat.gaussian import gaussian_levels, quantization_mse
-    from qat.grids import Grid, default_trust, make_grid, optimal_gaussian_scale, round_to_grid
-    from qat.hadamard import hadamard_matrix, hadamard_transform
-    from qat.linear import QuantLinear
-    from qat.quantizer import Quantizer
+    from qat.quant.bits import n_levels
+    from qat.quant.config import QuantizerConfig
+    from qat.quant.convert import quantize_model, quantizers
+    from qat.quant.estimators import ESTIMATORS, Quantized
+    from qat.quant.gaussian import gaussian_levels, quantization_mse
+    from qat.quant.grids import Grid, default_trust, make_grid, optimal_gaussian_scale, round_to_grid
+    from qat.quant.hadamard import hadamard_matrix, hadamard_transform
+    from qat.quant.linear import QuantLinear
+    from qat.quant.quantizer import Quantizer, fake_quantize

@@ -16,8 +16,7 @@ import math
 import sys
 from typing import Any, Sequence
 
-from qat.results import memory_bits
-from qat.scaling import ScalingFit
+from qat.scaling.law import ScalingFit, memory_bits_of
 
 
 def _positive(text: str) -> float:
@@ -37,7 +36,7 @@ def advise(fit: ScalingFit, budget_bits: float, tokens: float | None, tokens_per
         raise ValueError(f"precision {unknown[0]!r} is not in the fit; known: {', '.join(sorted(fit.eff))}")
     rows = []
     for key in keys:
-        bits = memory_bits(key)
+        bits = memory_bits_of(fit, key)
         N = budget_bits / bits
         D = tokens if tokens is not None else tokens_per_param * N
         rows.append({"precision": key, "bits": bits, "N": N, "D": D, "loss": float(fit.predict(N, D, key))})

@@ -73,21 +73,22 @@ def time_ms(fn: Callable[[], object]) -> float:
 def kernel_rows(tokens: int, dim: int, block: int) -> list[dict]:
     import torch
 
-    from kernels import fused_quantize, fused_quantize_rows
-    from qat import Quantizer, hadamard_matrix
+    from qat import Quantizer, hadamard_matrix, make_grid
+    from qat.quant.fused import fused_fake_quantize
 
     x = torch.randn(tokens, dim, device="cuda", dtype=torch.bfloat16)
     g = torch.randn_like(x)
     n, elt = x.numel(), x.element_size()
     cfg = quest_config("triton", block)
-    mask = fused_quantize_rows(x, cfg, with_codes=False).grad_mask.view(torch.uint8).reshape(tokens, dim)
+    grid = make_grid(cfg.bits, cfg.grid)
+    mask = fused_fake_quantize(x, cfg, grid, with_codes=False).grad_mask.view(torch.uint8).reshape(tokens, dim)
     torch_quantizer = Quantizer(quest_config("torch", block)).cuda()
     fwd_bytes = 2 * n * elt + n + 4 * tokens  # x in, value out, mask out, scales out
     dense = torch.block_diag(*[hadamard_matrix(block, torch.bfloat16, "cuda")] * (dim // block))
     variants: list[tuple[str, Callable[[], object], int]] = [
         ("copy (x.clone)", lambda: x.clone(), 2 * n * elt),
-        ("fused forward (training)", lambda: fused_quantize(x, cfg, with_codes=False), fwd_bytes),
-        ("fused forward + int32 codes", lambda: fused_quantize(x, cfg), fwd_bytes + 4 * n),
+        ("fused forward (training)", lambda: fused_fake_quantize(x, cfg, grid, with_codes=False), fwd_bytes),
+        ("fused forward + int32 codes", lambda: fused_fake_quantize(x, cfg, grid), fwd_bytes + 4 * n),
         ("fused backward", lambda: torch.ops.qat_kernels.masked_rotate(g, mask, block), 2 * n * elt + n),
         ("torch Quantizer forward", lambda: torch_quantizer(x), fwd_bytes),
         ("dense x @ blockdiag(H)", lambda: x @ dense, 2 * n * elt),
@@ -114,14 +115,12 @@ def train_step_ms(size: str, variant: str, mode: str, batch: int, seq: int, step
     import torch
     import torch.nn.functional as F
 
-    from models import Llama, llama_config
-    from qat import quantize_model
+    from qat.train.lifecycle import build_net
 
     torch.manual_seed(0)
-    model = Llama(llama_config(size, vocab_size=VOCAB, max_seq_len=seq)).cuda()
-    if variant != "bf16":
-        cfg = quest_config(variant.removeprefix("w4a4-"))
-        quantize_model(model, weight=cfg, activation=cfg)
+    quant = {"bits": 16, "rotation": "none"} if variant == "bf16" else quest_config(variant.removeprefix("w4a4-")).to_dict()
+    run = {"model": {"size": size}, "data": {"seq_len": seq}, "quant": {"weight": quant, "activation": quant}}
+    model = build_net(run, VOCAB).cuda()  # the same builder as train.py
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     forward = torch.compile(model) if mode == "compiled" else model
     idx = torch.randint(0, VOCAB, (batch, seq + 1), device="cuda")

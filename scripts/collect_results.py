@@ -2,7 +2,7 @@
 
     python scripts/collect_results.py outputs/ multirun/ --out runs.csv
 
-One row per run (columns: qat.results.RESULT_COLUMNS). Unreadable or malformed files are
+One row per run (columns: qat.scaling.results.RESULT_COLUMNS). Unreadable or malformed files are
 warned about on stderr and skipped; failed/running runs are kept (status column) and left
 out of fits by default; a run directory reached through two roots appears once; reruns of
 one configuration (precision, preset, model, tokens, seed) keep the newest completed run.
@@ -15,7 +15,7 @@ import sys
 from collections import Counter
 from typing import Sequence
 
-from qat.results import collect_results, write_results_csv
+from qat.scaling.results import collect_results, write_results_csv
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -22,8 +22,8 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from qat.checkpoint import load_trained
-from qat.evaluation import loss_over, multiple_choice_accuracy
+from qat.train.checkpoint import load_trained
+from qat.inference.evaluation import loss_over, multiple_choice_accuracy
 from qat.io import atomic_write_json
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

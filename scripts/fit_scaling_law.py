@@ -20,8 +20,9 @@ from collections import Counter
 from typing import Any, Sequence
 
 from qat.io import atomic_write_text
-from qat.results import FORMATS, load_runs, memory_bits
-from qat.scaling import LAWS, MIN_SIZES_FOR_LOSO, Run, ScalingFit, bootstrap_fit, fit_scaling_law, leave_one_size_out, validate_runs
+from qat.scaling.results import FORMATS, load_runs
+from qat.scaling.runs import Run
+from qat.scaling.law import LAWS, MIN_SIZES_FOR_LOSO, ScalingFit, bootstrap_fit, fit_scaling_law, leave_one_size_out, validate_runs
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -51,16 +52,9 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--huber-delta={args.huber_delta} must be a finite number > 0")
 
 
-def _bits_or_none(key: str) -> float | None:
-    try:
-        return memory_bits(key)
-    except ValueError:
-        return None  # a custom key: no memory accounting, the fit itself does not need it
-
-
 def build_report(runs: Sequence[Run], fit: ScalingFit, boot: dict[str, Any] | None, loso: dict[str, Any] | None, seconds: float, source: str) -> dict[str, Any]:
     report = fit.to_dict()
-    bits = {k: _bits_or_none(k) for k in fit.eff}
+    bits = {k: fit.memory_bits.get(k) for k in fit.eff}  # None: the runs recorded no memory bits
     report.update(
         memory_bits=bits,
         eff_per_bit={k: (v * 16 / bits[k] if bits[k] else None) for k, v in fit.eff.items()},
@@ -133,7 +127,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(format_report(report))
     atomic_write_text(args.out, json.dumps(report, indent=2) + "\n")
     if args.plots:
-        from qat.scaling_plots import write_plots  # matplotlib only when figures are asked for
+        from qat.scaling.plots import write_plots  # matplotlib only when figures are asked for
 
         for path in write_plots(runs, fit, report["ci"], args.plots):
             print(f"wrote {path}")

@@ -10,8 +10,8 @@ import sys
 
 import torch
 
-from qat.checkpoint import load_trained
-from qat.evaluation import sample
+from qat.train.checkpoint import load_trained
+from qat.inference.evaluation import sample
 
 
 def main(argv: list[str] | None = None) -> int:

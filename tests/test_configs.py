@@ -8,7 +8,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from qat.training import quantizer_configs
+from qat.train.run_config import quantizer_configs
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 GROUPS = ["model", "quant", "data", "tokenizer", "trainer", "logger", "optimizer", "scheduler", "experiment", "sweep"]
@@ -113,7 +113,7 @@ def test_every_trainer_argument_is_overridable():
 
 
 def test_multirun_with_ddp_needs_torchrun_or_srun(monkeypatch):
-    from qat.training import DISTRIBUTED_ENV, ConfigError, check_launch
+    from qat.train.run_config import DISTRIBUTED_ENV, ConfigError, check_launch
 
     for key in DISTRIBUTED_ENV:
         monkeypatch.delenv(key, raising=False)
@@ -128,7 +128,7 @@ def test_multirun_with_ddp_needs_torchrun_or_srun(monkeypatch):
 
 
 def test_token_budget_sets_max_steps():
-    from qat.training import resolve_max_steps
+    from qat.train.run_config import resolve_max_steps
 
     cfg = _compose("data.batch_size=16", "data.seq_len=128", "trainer.accumulate_grad_batches=2")
     assert resolve_max_steps(cfg, 1000) == cfg.trainer.max_steps

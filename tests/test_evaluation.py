@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from qat.evaluation import continuation_logprob, loss_over, multiple_choice_accuracy, sample
+from qat.inference.evaluation import continuation_logprob, loss_over, multiple_choice_accuracy, sample
 
 V = 28  # ' ' = 0, 'a'..'z' = 1..26, eos = 27
 

@@ -5,9 +5,9 @@ import pytest
 from scipy.optimize import minimize_scalar
 from scipy.special import ndtri
 
-from qat.config import n_levels
-from qat.gaussian import gaussian_levels, quantization_mse
-from qat.grids import default_trust, make_grid, optimal_gaussian_scale
+from qat.quant.bits import n_levels
+from qat.quant.gaussian import gaussian_levels, quantization_mse
+from qat.quant.grids import default_trust, make_grid, optimal_gaussian_scale
 
 ALL_BITS = [1, 1.58, 2, 3, 4, 5, 6, 7, 8]
 

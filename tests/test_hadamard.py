@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from qat.hadamard import _butterfly, hadamard_matrix, hadamard_transform
+from qat.quant.hadamard import _butterfly, hadamard_matrix, hadamard_transform
 
 
 @pytest.mark.parametrize("block", [2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096])

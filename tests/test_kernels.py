@@ -27,15 +27,35 @@ if INTERPRET:
     os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are first built
 DEVICE = "cpu" if INTERPRET else "cuda"
 
-from kernels import MAX_FUSED_BLOCK, fused_quantize, fused_quantize_rows  # noqa: E402
-from kernels.plan import kronecker_split, scalars_for, tiling_for  # noqa: E402
-from kernels.reference import reference_quantize, reference_rotate  # noqa: E402
-from qat import Quantizer, QuantizerConfig, hadamard_matrix, make_grid, round_to_grid  # noqa: E402
+from kernels import MAX_FUSED_BLOCK  # noqa: E402
+from kernels.plan import kronecker_split, tiling_for  # noqa: E402
+from qat import Quantizer, QuantizerConfig, fake_quantize, hadamard_matrix, make_grid, round_to_grid  # noqa: E402
+from qat.quant.fused import fused_fake_quantize, kernel_scalars  # noqa: E402
+from qat.quant.quantizer import rotate as reference_rotate  # noqa: E402
 
 ALL_BITS = [1, 1.58, 2, 3, 4, 5, 6, 7, 8]
 ESTIMATORS = ["trust", "ste", "clip"]
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def fused_quantize_rows(x: torch.Tensor, cfg: QuantizerConfig, with_codes: bool = True):
+    """The fused path (through the config bridge), per-row scale as [...]."""
+    qz = fused_fake_quantize(x, cfg, make_grid(cfg.bits, cfg.grid), with_codes=with_codes)
+    return qz._replace(scale=qz.scale.squeeze(-1))
+
+
+fused_quantize = fused_quantize_rows
+
+
+def reference_quantize(x: torch.Tensor, cfg: QuantizerConfig):
+    """The reference: the library's own torch path, `fake_quantize`."""
+    qz = fake_quantize(x, cfg)
+    return qz._replace(scale=qz.scale.squeeze(-1))
+
+
+def scalars_for(cfg: QuantizerConfig):
+    return kernel_scalars(cfg, make_grid(cfg.bits, cfg.grid))
 
 
 def _cfg(**kw) -> QuantizerConfig:
@@ -96,7 +116,7 @@ def _grid_configs():
 def test_forward_every_grid_and_estimator(bits, grid, rotation):
     x = _input((6, 5, 256), seed=int(bits * 100))
     for estimator in ESTIMATORS:
-        cfg = _cfg(bits=bits, grid=grid, estimator=estimator, rotation=rotation, clip_scale=0.8)
+        cfg = _cfg(bits=bits, grid=grid, estimator=estimator, rotation=rotation, **({"clip_scale": 0.8} if estimator == "clip" else {}))
         assert_matches(fused_quantize_rows(x, cfg), x, cfg)
 
 
@@ -174,7 +194,9 @@ BACKWARD_CASES = [  # (estimator, rotation, block, shape)
 
 @pytest.mark.parametrize("estimator,rotation,block,shape", BACKWARD_CASES)
 def test_quantizer_backend_triton_equals_torch(estimator, rotation, block, shape):
-    base = dict(bits=4, estimator=estimator, rotation=rotation, hadamard_block=block, clip_scale=0.9)
+    base = dict(bits=4, estimator=estimator, rotation=rotation)
+    base.update({"hadamard_block": block} if rotation == "hadamard" else {})
+    base.update({"clip_scale": 0.9} if estimator == "clip" else {})
     fused, torch_path = Quantizer(dict(base, backend="triton")), Quantizer(dict(base, backend="torch"))
     x = _input(shape, seed=11)
     g = _input(shape, seed=12)
@@ -205,9 +227,10 @@ def test_backward_is_the_rotated_masked_gradient():
 
 def test_compiled_equals_eager():
     cfg = _cfg(bits=4, hadamard_block=128, estimator="trust")
+    grid = make_grid(cfg.bits, cfg.grid)  # held by the Quantizer, outside the compiled region
 
     def loss(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return (fused_quantize(x, cfg, with_codes=False).value @ w).square().sum()
+        return (fused_fake_quantize(x, cfg, grid, with_codes=False).value @ w).square().sum()
 
     x = _input((8, 256), seed=1)
     w = _input((256, 16), seed=2)
@@ -252,7 +275,7 @@ def test_kronecker_split_reproduces_sylvester():
         assert outer * inner == block and 16 <= outer <= inner
         kron = torch.kron(hadamard_matrix(outer, torch.float64), hadamard_matrix(inner, torch.float64))
         assert torch.allclose(kron, hadamard_matrix(block, torch.float64), atol=1e-12)
-    assert tiling_for(4096, 4096).two_stage and not tiling_for(4096, 128).two_stage
+    assert tiling_for(4096, 4096).outer > 1 and tiling_for(4096, 128).outer == 1  # two-stage Kronecker vs one matmul
 
 
 

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from qat.results import (
+from qat.scaling.precision import storage_bits
+from qat.scaling.results import (
     RESULT_COLUMNS,
     collect_results,
     load_quest_runs,
     load_runs,
-    memory_bits,
     quest_precision,
     read_results_csv,
     runs_from_rows,
@@ -57,14 +57,16 @@ def test_quest_precision_unknown_pair():
         quest_precision("LSQQuantizer", "LSQQuantizer", 4, 4)
 
 
-@pytest.mark.parametrize("key, bits", [("bf16", 16), ("fp4", 4), ("2:4", 2.5), ("w4a16", 4), ("w3a3", 3), ("w8a8-nohad", 8), ("w4a4-nohad-ste", 4), ("w1.58a1.58", 1.58), ("fp4-nohad", 4)])
-def test_memory_bits(key, bits):
-    assert memory_bits(key) == bits
+@pytest.mark.parametrize("w_bits, sparse, bits", [(16, False, 16), (4, False, 4), (4, True, 2.5), (3, False, 3), (1.58, False, 1.58), (8, True, 4.5)])
+def test_storage_bits(w_bits, sparse, bits):
+    assert storage_bits(w_bits, sparse) == bits
 
 
-def test_memory_bits_unknown_key():
-    with pytest.raises(ValueError, match="precision 'int4' has no known bit width"):
-        memory_bits("int4")
+@needs_quest
+def test_quest_runs_carry_memory_bits_from_their_fields(shared_dir):
+    runs = load_quest_runs(shared_dir / "data" / "quest_runs_for_scaling.json")
+    by_key = {r.precision: r.memory_bits for r in runs}
+    assert by_key["bf16"] == 16 and by_key["fp4"] == 4 and by_key["2:4"] == 2.5 and by_key["w4a16"] == 4 and by_key["w1a1"] == 1
 
 
 @needs_quest

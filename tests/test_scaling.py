@@ -14,10 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import qat.scaling as scaling
-from qat.results import load_quest_runs, memory_bits
-from qat import scaling_solver
-from qat.scaling import Run, ScalingFit, bootstrap_fit, fit_scaling_law, leave_one_size_out, validate_runs
+import qat.scaling.law as scaling
+from qat.scaling.results import load_quest_runs
+from qat.scaling import solver as scaling_solver
+from qat.scaling.runs import Run
+from qat.scaling.law import ScalingFit, bootstrap_fit, fit_scaling_law, leave_one_size_out, validate_runs
 
 REPO = Path(__file__).resolve().parents[1]
 QUEST_TABLE = REPO.parent / "shared" / "data" / "quest_runs_for_scaling.json"
@@ -351,7 +352,7 @@ def test_advise_precision_on_quest_fit(quest_fit, tmp_path):
     assert proc.returncode == 0, proc.stderr
     # At a fixed D the data term is the same for every precision, so the ranking is the
     # ranking of eff(P) / bits(P): QuEST's 4-bit wins (the paper's Pareto claim).
-    order = sorted(keys, key=lambda k: -fit.eff[k] / memory_bits(k))
+    order = sorted(keys, key=lambda k: -fit.eff[k] / fit.memory_bits[k])
     listed = [line.split()[0] for line in proc.stdout.splitlines()[2:-1]]
     assert listed == order and order[0] == "w4a4"
     best = float(fit.predict(2.5e8, 1e10, "w4a4"))
@@ -361,7 +362,7 @@ def test_advise_precision_on_quest_fit(quest_fit, tmp_path):
 
 
 def test_plot_curves_follow_the_sweeps_token_budget():
-    from qat.scaling_plots import _main_sequence
+    from qat.scaling.plots import _main_sequence
 
     sizes = [2e5, 4e5, 1.6e6]
     fixed = [Run(N=n, D=4e5, precision="w4a4", loss=1.0) for n in sizes]

@@ -5,9 +5,9 @@ import torch
 
 from models import Llama, llama_config
 from qat import QuantizerConfig, quantize_model
-from qat.optim import decay_groups
-from qat.precision import precision_key
-from qat.schedules import cosine_with_warmup, lr_scheduler, warmup_stable_decay
+from qat.train.optim import decay_groups
+from qat.scaling.precision import precision_key
+from qat.train.schedules import cosine_with_warmup, lr_scheduler, warmup_stable_decay
 
 
 def test_cosine_matches_quests_one_cycle():

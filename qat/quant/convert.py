@@ -10,7 +10,8 @@ from collections.abc import Callable
 
 from torch import nn
 
-from qat.linear import ConfigLike, QuantLinear
+from qat.quant.linear import ConfigLike, QuantLinear
+from qat.quant.quantizer import Quantizer
 
 # QuEST keeps the output head in high precision; embeddings are nn.Embedding and never match.
 DEFAULT_SKIP = ("lm_head",)
@@ -46,6 +47,4 @@ def quantize_model(
 
 def quantizers(model: nn.Module) -> dict[str, nn.Module]:
     """All fake quantizers of a converted model, by qualified name."""
-    from qat.quantizer import Quantizer
-
     return {name: m for name, m in model.named_modules() if isinstance(m, Quantizer)}

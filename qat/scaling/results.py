@@ -6,7 +6,7 @@ Two sources:
 - the QuEST paper's published table of 104 runs (`load_quest_runs`), whose quantizer class
   names are mapped to the same precision keys our runs use.
 
-Precision keys (qat.precision): "bf16", "w{b}a{c}" (e.g. "w4a4", weight-only "w4a16"), "fp4",
+Precision keys (qat.scaling.precision): "bf16", "w{b}a{c}" (e.g. "w4a4", weight-only "w4a16"), "fp4",
 "2:4" (2:4 sparse 4-bit weights), plus method suffixes such as "-nohad" (no Hadamard
 rotation); one eff(P) is fitted per key.
 """
@@ -17,47 +17,32 @@ import csv
 import io
 import json
 import math
-import re
 import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from qat.io import atomic_write_text
-from qat.precision import format_bits
-from qat.scaling import Run
+from qat.scaling.precision import format_bits, storage_bits
+from qat.scaling.runs import Run
 
 STATUSES = ("completed", "failed", "running")
 RESULT_COLUMNS = (
-    "run_dir", "status", "model", "precision", "quant_preset", "w_bits", "a_bits",
+    "run_dir", "status", "model", "precision", "quant_preset", "w_bits", "a_bits", "memory_bits",
     "non_embedding_params", "total_params", "tokens", "step", "seed", "val_loss", "val_ppl",
     "loss_floor", "unigram_loss", "wall_time_s", "overrides", "mtime",
 )  # fmt: skip
 # What makes two runs the same experiment (a rerun): newest completed one wins.
 CONFIG_IDENTITY = ("precision", "quant_preset", "model", "tokens", "seed")
-_NUMERIC = ("w_bits", "a_bits", "non_embedding_params", "total_params", "tokens", "step", "seed",
+_NUMERIC = ("w_bits", "a_bits", "memory_bits", "non_embedding_params", "total_params", "tokens", "step", "seed",
             "val_loss", "val_ppl", "loss_floor", "unigram_loss", "wall_time_s")  # fmt: skip
 _NEEDED_TO_FIT = ("non_embedding_params", "tokens", "val_loss")
-_KEY = re.compile(r"^w(\d+(?:\.\d+)?)a(\d+(?:\.\d+)?)$")
+_OPTIONAL_TO_FIT = ("w_bits", "a_bits", "memory_bits")
 
 Warn = Callable[[str], None]
 
 
 def _stderr(msg: str) -> None:
     print(f"warning: {msg}", file=sys.stderr)
-
-
-def memory_bits(precision: str) -> float:
-    """Bits stored per weight: 16 for bf16, 4 for fp4, 2.5 for 2:4 (4/2 values + 0.5 index
-    bits per weight), b for w{b}a{c} (activations are not stored). Method suffixes
-    ("-nohad", "-ste", ...) do not change the storage."""
-    base = precision.split("-", 1)[0]
-    fixed = {"bf16": 16.0, "fp4": 4.0, "2:4": 2.5}
-    if base in fixed:
-        return fixed[base]
-    match = _KEY.match(base)
-    if match is None:
-        raise ValueError(f"precision {precision!r} has no known bit width; use bf16, fp4, 2:4 or w<b>a<c>, each with optional -suffixes")
-    return float(match.group(1))
 
 
 # ---------------------------------------------------------------------------------------
@@ -99,8 +84,10 @@ def load_quest_runs(path: str | Path) -> list[Run]:
         key = quest_precision(row["w_quant"], row["a_quant"], row["w_bits"], row["a_bits"])
         w_bits, a_bits = (4.0, 4.0) if key == "fp4" else (float(row["w_bits"]), float(row["a_bits"]))
         size = row.get("model_size")
+        memory = storage_bits(w_bits, "FourEight" in row["w_quant"])
         runs.append(Run(N=row["non_embedding_parameters"], D=row["tokens"], precision=key, loss=row["loss"],
-                        w_bits=w_bits, a_bits=a_bits, size_label=f"{size}M" if size is not None else None))  # fmt: skip
+                        w_bits=w_bits, a_bits=a_bits, size_label=f"{size}M" if size is not None else None,
+                        memory_bits=memory))  # fmt: skip
     return runs
 
 
@@ -227,9 +214,9 @@ def runs_from_rows(rows: Sequence[dict[str, Any]], include_incomplete: bool = Fa
                 warn(f"{source} row {i}: {row['status']} run without {empty[0]}; skipped")
                 continue
         values = {}
-        for name in _NEEDED_TO_FIT + ("w_bits", "a_bits"):
+        for name in _NEEDED_TO_FIT + _OPTIONAL_TO_FIT:
             raw = row.get(name)
-            if raw in (None, "") and name in ("w_bits", "a_bits"):
+            if raw in (None, "") and name in _OPTIONAL_TO_FIT:
                 values[name] = None
                 continue
             try:
@@ -241,7 +228,9 @@ def runs_from_rows(rows: Sequence[dict[str, Any]], include_incomplete: bool = Fa
         if not row.get("precision"):
             raise ValueError(f"{source} row {i}: field 'precision' is empty")
         runs.append(Run(N=values["non_embedding_params"], D=values["tokens"], precision=row["precision"], loss=values["val_loss"],
-                        w_bits=values["w_bits"], a_bits=values["a_bits"], size_label=row.get("model") or None))  # fmt: skip
+                        w_bits=values["w_bits"], a_bits=values["a_bits"], size_label=row.get("model") or None,
+                        # results.json from before memory_bits was recorded: dense weights
+                        memory_bits=values["memory_bits"] if values["memory_bits"] is not None else values["w_bits"]))  # fmt: skip
     return runs
 
 

@@ -1,20 +1,19 @@
 """The numerical core of the scaling-law fit: residuals with an analytic Jacobian, a
 batched bounded Levenberg-Marquardt over many starts at once, and a scipy polish.
 
-See qat/scaling.py for the laws, the parametrisation and the public API.
+See qat/scaling/law.py for the laws, the parametrisation and the public API.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import numpy as np
 from scipy.optimize import least_squares
 
-if TYPE_CHECKING:
-    from qat.scaling import Run
+from qat.scaling.runs import Run
 
 REFERENCE = "bf16"  # eff = 1 by definition under the quest law
 N_CORE = 5  # a_c, alpha, b_c, beta, E; law-specific parameters follow

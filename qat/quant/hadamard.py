@@ -17,9 +17,13 @@ import torch
 _FHT_MAX_BLOCK = 32768  # the CUDA extension's largest supported dim
 
 
-def _check_block(dim: int, block: int) -> None:
+def check_block(dim: int, block: int) -> None:
+    """The one check of a Hadamard block against the dim it rotates."""
     if block < 2 or block & (block - 1):
-        raise ValueError(f"hadamard block={block} is not allowed; use a power of two >= 2")
+        raise ValueError(
+            f"hadamard block={block} is not allowed; use a power of two >= 2 "
+            f"(hadamard_block='full' needs a power-of-two last dim, got {dim})"
+        )
     if dim % block:
         raise ValueError(
             f"last dim {dim} is not divisible by the Hadamard block {block}; choose hadamard_block dividing it "
@@ -54,7 +58,7 @@ def hadamard_transform(x: torch.Tensor, block: int | str = 128) -> torch.Tensor:
     """
     dim = x.shape[-1]
     block = dim if block == "full" else int(block)
-    _check_block(dim, block)
+    check_block(dim, block)
     scale = 1.0 / math.sqrt(block)
     if x.is_cuda and block <= _FHT_MAX_BLOCK and _FHT_AVAILABLE and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
         from fast_hadamard_transform import hadamard_transform as fht

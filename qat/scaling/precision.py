@@ -7,7 +7,10 @@ so that one eff(P) is fitted per (format, method).
 
 from __future__ import annotations
 
-from qat.config import QuantizerConfig
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # no runtime import: qat.scaling must import without torch
+    from qat.quant.config import QuantizerConfig
 
 
 def format_bits(bits: float) -> str:
@@ -32,3 +35,10 @@ def precision_key(weight: QuantizerConfig, activation: QuantizerConfig) -> str:
     if quantized.estimator in ("ste", "lsq", "pact"):
         suffix += f"-{quantized.estimator}"
     return base + suffix
+
+
+def storage_bits(w_bits: float, sparse_2_of_4: bool = False) -> float:
+    """Bits stored per weight: the weight bits (16 for bf16, 4 for fp4), or for 2:4 sparsity
+    half the values plus 0.5 bits of position per weight (2.5 at 4 bits). Activations are
+    not stored, so they do not count."""
+    return w_bits / 2 + 0.5 if sparse_2_of_4 else float(w_bits)

@@ -1,6 +1,7 @@
 """Gradient estimators: how the backward pass treats the (non-differentiable) rounding.
 
-Each estimator is a function (x, scale, rms, grid, cfg) -> Quantized, registered by name.
+Each estimator is a function (x, scale, rms, grid, knobs) -> Quantized, registered by name;
+`knobs` carries the two numbers some of them read (the trust radius, the clip scale).
 They all round with `round_to_grid`; they differ only in the backward:
 
 - trust: pass the gradient where |q(x) - x| <= trust * RMS (QuEST); outliers and clipped
@@ -23,21 +24,30 @@ from typing import NamedTuple
 
 import torch
 
-from qat.config import QuantizerConfig
-from qat.grids import Grid, round_to_grid
-from qat.registry import registrar
+from qat.quant.grids import Grid, round_to_grid
+from qat.quant.registry import registrar
 
 
 class Quantized(NamedTuple):
-    """One quantization call: the output (with the estimator's backward), integer codes,
-    and the boolean mask of elements whose gradient passes."""
+    """One quantization call: the output (with the estimator's backward), integer codes
+    (indices into the grid's levels), the boolean mask of elements whose gradient passes,
+    and the scale s that was used (broadcastable against the grouped input; None where a
+    caller did not ask for it)."""
 
     value: torch.Tensor
-    codes: torch.Tensor
+    codes: torch.Tensor | None
     grad_mask: torch.Tensor
+    scale: torch.Tensor | None = None
 
 
-Estimator = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Grid, QuantizerConfig], Quantized]
+class EstimatorKnobs(NamedTuple):
+    """The numbers an estimator may read: trust radius (in RMS units) and clip scale."""
+
+    trust: float
+    clip_scale: float
+
+
+Estimator = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Grid, EstimatorKnobs], Quantized]
 ESTIMATORS: dict[str, Estimator] = {}
 
 
@@ -58,29 +68,24 @@ class MaskedStraightThrough(torch.autograd.Function):
         return grad * mask, None, None
 
 
-def trust_radius(cfg: QuantizerConfig, grid: Grid) -> float:
-    """The trust radius in RMS units (cfg.trust, or half the outermost grid step)."""
-    return cfg.trust if cfg.trust is not None else grid.default_trust
-
-
 @register_estimator("trust")
-def trust_estimator(x: torch.Tensor, scale: torch.Tensor, rms: torch.Tensor, grid: Grid, cfg: QuantizerConfig) -> Quantized:
+def trust_estimator(x: torch.Tensor, scale: torch.Tensor, rms: torch.Tensor, grid: Grid, knobs: EstimatorKnobs) -> Quantized:
     q, codes = round_to_grid(x.detach(), scale, grid)
-    mask = (q - x.detach()).abs() <= trust_radius(cfg, grid) * rms
+    mask = (q - x.detach()).abs() <= knobs.trust * rms
     return Quantized(MaskedStraightThrough.apply(x, q, mask), codes, mask)
 
 
 @register_estimator("ste")
-def ste_estimator(x: torch.Tensor, scale: torch.Tensor, rms: torch.Tensor, grid: Grid, cfg: QuantizerConfig) -> Quantized:
+def ste_estimator(x: torch.Tensor, scale: torch.Tensor, rms: torch.Tensor, grid: Grid, knobs: EstimatorKnobs) -> Quantized:
     q, codes = round_to_grid(x.detach(), scale, grid)
     mask = torch.ones_like(x, dtype=torch.bool)
     return Quantized(MaskedStraightThrough.apply(x, q, mask), codes, mask)
 
 
 @register_estimator("clip")
-def clip_estimator(x: torch.Tensor, scale: torch.Tensor, rms: torch.Tensor, grid: Grid, cfg: QuantizerConfig) -> Quantized:
+def clip_estimator(x: torch.Tensor, scale: torch.Tensor, rms: torch.Tensor, grid: Grid, knobs: EstimatorKnobs) -> Quantized:
     q, codes = round_to_grid(x.detach(), scale, grid)
-    mask = x.detach().abs() <= cfg.clip_scale * scale
+    mask = x.detach().abs() <= knobs.clip_scale * scale
     return Quantized(MaskedStraightThrough.apply(x, q, mask), codes, mask)
 
 
@@ -139,13 +144,13 @@ def lsq_grad_scale(numel_per_scale: int, grid: Grid) -> float:
 
 
 @register_estimator("lsq")
-def lsq_estimator(x: torch.Tensor, scale: torch.Tensor, rms: torch.Tensor, grid: Grid, cfg: QuantizerConfig) -> Quantized:
+def lsq_estimator(x: torch.Tensor, scale: torch.Tensor, rms: torch.Tensor, grid: Grid, knobs: EstimatorKnobs) -> Quantized:
     numel_per_scale = x.numel() // max(scale.numel(), 1)
     q, codes, inside = LSQFunction.apply(x, scale, grid, lsq_grad_scale(numel_per_scale, grid))
     return Quantized(q, codes, inside)
 
 
 @register_estimator("pact")
-def pact_estimator(x: torch.Tensor, scale: torch.Tensor, rms: torch.Tensor, grid: Grid, cfg: QuantizerConfig) -> Quantized:
+def pact_estimator(x: torch.Tensor, scale: torch.Tensor, rms: torch.Tensor, grid: Grid, knobs: EstimatorKnobs) -> Quantized:
     q, codes, inside = PACTFunction.apply(x, scale, grid)
     return Quantized(q, codes, inside)

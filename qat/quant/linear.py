@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qat.config import QuantizerConfig
-from qat.quantizer import Quantizer
+from qat.quant.config import QuantizerConfig
+from qat.quant.quantizer import Quantizer
 
 ConfigLike = QuantizerConfig | Mapping[str, Any] | None
 

@@ -7,7 +7,6 @@ and never changes the process-wide backend.
 from __future__ import annotations
 
 import io
-import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -17,22 +16,23 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from qat.io import atomic_write
-from qat.results import memory_bits
-from qat.scaling import Run, ScalingFit
+from qat.scaling.law import ScalingFit, memory_bits_of
+from qat.scaling.runs import Run
 
 
-def precision_order(keys: Sequence[str]) -> list[str]:
+def precision_order(keys: Sequence[str], fit: ScalingFit) -> list[str]:
     """bf16, then W = A keys, formats and weight-only keys, then method variants ("-nohad",
-    ...), each group from many bits to few."""
+    ...), each group from many bits to few (bits as the runs recorded them)."""
 
     def rank(key: str) -> tuple[int, float, str]:
+        w_bits, a_bits = fit.bits.get(key, (None, None))
         if key == "bf16":
             family = 0
         elif "-" in key:
             family = 3
         else:
-            family = 1 if re.fullmatch(r"w([\d.]+)a\1", key) else 2
-        return family, -memory_bits(key), key
+            family = 1 if w_bits is not None and w_bits == a_bits else 2
+        return family, -fit.memory_bits.get(key, 0.0), key
 
     return sorted(keys, key=rank)
 
@@ -87,13 +87,13 @@ def plot_loss_vs_memory(runs: Sequence[Run], fit: ScalingFit, path: str | Path) 
     """Measured loss vs N x bits, one colour per precision, with the fitted curve along each
     precision's main sequence (a typical D/N, or a fixed D; filled markers: runs on it,
     hollow: the others)."""
-    keys = precision_order(sorted({r.precision for r in runs}))
+    keys = precision_order(sorted({r.precision for r in runs}), fit)
     colors = _colors(keys)
     fig = Figure(figsize=(8, 5.5))
     ax = fig.add_subplot()
     for key in keys:
         group = [r for r in runs if r.precision == key]
-        bits, (kind, value) = memory_bits(key), _main_sequence(group)
+        bits, (kind, value) = memory_bits_of(fit, key), _main_sequence(group)
         N = np.array([r.N for r in group])
         on_curve = np.array([_near(value, r.D / r.N if kind == "D/N" else r.D) for r in group])
         mem, loss = N * bits / 1e6, np.array([r.loss for r in group])
@@ -115,9 +115,9 @@ def plot_loss_vs_memory(runs: Sequence[Run], fit: ScalingFit, path: str | Path) 
 def plot_efficiency(fit: ScalingFit, ci: dict[str, Any] | None, path: str | Path) -> Path:
     """eff(P) and eff(P) * 16 / bits(P) (capacity per stored bit relative to bf16), with
     bootstrap CIs as error bars when given."""
-    keys = precision_order(list(fit.eff))
+    keys = precision_order(list(fit.eff), fit)
     eff = np.array([fit.eff[k] for k in keys])
-    per_bit = np.array([16.0 / memory_bits(k) for k in keys])
+    per_bit = np.array([16.0 / memory_bits_of(fit, k) for k in keys])
     intervals = (ci or {}).get("eff", {})
     lo = np.array([intervals.get(k, [v, v])[0] for k, v in zip(keys, eff)])
     hi = np.array([intervals.get(k, [v, v])[1] for k, v in zip(keys, eff)])
@@ -136,11 +136,11 @@ def plot_efficiency(fit: ScalingFit, ci: dict[str, Any] | None, path: str | Path
     return _save(fig, Path(path))
 
 
-def plot_pareto(runs: Sequence[Run], path: str | Path) -> Path:
+def plot_pareto(runs: Sequence[Run], fit: ScalingFit, path: str | Path) -> Path:
     """Measured loss vs memory; runs on the Pareto frontier are highlighted and labelled."""
-    keys = precision_order(sorted({r.precision for r in runs}))
+    keys = precision_order(sorted({r.precision for r in runs}), fit)
     colors = _colors(keys)
-    mem = np.array([r.N * memory_bits(r.precision) / 1e6 for r in runs])
+    mem = np.array([r.N * memory_bits_of(fit, r.precision) / 1e6 for r in runs])
     loss = np.array([r.loss for r in runs])
     front = pareto_front(mem, loss)
     fig = Figure(figsize=(8, 5.5))
@@ -166,5 +166,5 @@ def write_plots(runs: Sequence[Run], fit: ScalingFit, ci: dict[str, Any] | None,
     return [
         plot_loss_vs_memory(runs, fit, out / "loss_vs_memory.png"),
         plot_efficiency(fit, ci, out / "efficiency.png"),
-        plot_pareto(runs, out / "pareto.png"),
+        plot_pareto(runs, fit, out / "pareto.png"),
     ]

@@ -9,8 +9,8 @@ from collections.abc import Callable
 
 import torch
 
-from qat.grids import Grid, round_to_grid
-from qat.registry import registrar
+from qat.quant.grids import Grid, round_to_grid
+from qat.quant.registry import registrar
 
 _TINY = 1e-12  # keeps all-zero rows finite (they quantize to the smallest levels, times ~0)
 MSE_SEARCH_POINTS = 100

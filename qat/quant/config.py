@@ -10,44 +10,30 @@ combination fails at construction, naming the field and what is allowed.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from qat.quant.bits import NO_QUANT_BITS, parse_bits
+from qat.quant.estimators import ESTIMATORS
+from qat.quant.grids import GRIDS, Grid, grid_bits_error
+from qat.quant.scales import SCALE_FITS
+
+# The allowed names come from the registries, so a new registered function is a new choice.
+# "lsq" is the learnable scale, a parameter of the quantizer rather than a fit function.
+LEARNABLE_SCALE = "lsq"
 ROTATIONS = ("none", "hadamard")
-SCALES = ("rms_mse", "absmax", "mse_search", "lsq")
-GRIDS = ("int", "int_zero", "gaussian", "fp4")
-ESTIMATORS = ("trust", "ste", "clip", "lsq", "pact")
 SPARSITIES = ("none", "2:4")
 BACKENDS = ("auto", "torch", "triton")
-TERNARY_BITS = 1.58  # log2(3): three levels {-s, 0, +s}
-NO_QUANT_BITS = 16
-ALLOWED_BITS = "1..8, 1.58 (ternary) or 16 (no quantization)"
 # Estimators whose backward trains the scale; they need a learnable scale and vice versa.
 LEARNABLE_SCALE_ESTIMATORS = ("lsq", "pact")
+DEFAULT_HADAMARD_BLOCK = 128
+DEFAULT_CLIP_SCALE = 1.0
 
 
 def _choice(field: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{field}={value!r} is not allowed; choose one of {', '.join(map(repr, allowed))}")
-
-
-def parse_bits(value: Any) -> int | float:
-    """Normalise a bit-width: ints 1..8 and 16 stay ints, 1.58 means ternary."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"bits={value!r} is not allowed; use {ALLOWED_BITS}")
-    if math.isclose(value, TERNARY_BITS, abs_tol=5e-3):
-        return TERNARY_BITS
-    if float(value).is_integer() and (1 <= value <= 8 or value == NO_QUANT_BITS):
-        return int(value)
-    raise ValueError(f"bits={value!r} is not allowed; use {ALLOWED_BITS}")
-
-
-def n_levels(bits: int | float) -> int:
-    """Number of grid levels a bit-width allows (3 for ternary)."""
-    bits = parse_bits(bits)
-    return 3 if bits == TERNARY_BITS else 2 ** int(bits)
 
 
 def _is_power_of_two(n: int) -> bool:
@@ -78,12 +64,12 @@ class QuantizerConfig:
 
     bits: int | float = 4
     rotation: str = "hadamard"
-    hadamard_block: int | str = 128
+    hadamard_block: int | str = DEFAULT_HADAMARD_BLOCK
     scale: str = "rms_mse"
     grid: str = "int"
     estimator: str = "trust"
     trust: float | None = None
-    clip_scale: float = 1.0
+    clip_scale: float = DEFAULT_CLIP_SCALE
     granularity: int | str = "row"
     sparsity: str = "none"
     backend: str = "auto"
@@ -91,9 +77,9 @@ class QuantizerConfig:
     def __post_init__(self) -> None:
         self.bits = parse_bits(self.bits)
         _choice("rotation", self.rotation, ROTATIONS)
-        _choice("scale", self.scale, SCALES)
-        _choice("grid", self.grid, GRIDS)
-        _choice("estimator", self.estimator, ESTIMATORS)
+        _choice("scale", self.scale, (*SCALE_FITS, LEARNABLE_SCALE))
+        _choice("grid", self.grid, tuple(GRIDS))
+        _choice("estimator", self.estimator, tuple(ESTIMATORS))
         _choice("sparsity", self.sparsity, SPARSITIES)
         _choice("backend", self.backend, BACKENDS)
         block = self.hadamard_block
@@ -106,13 +92,12 @@ class QuantizerConfig:
             raise ValueError(f"trust={self.trust!r} is not allowed; use a positive float or None (half a grid step)")
         if not (isinstance(self.clip_scale, (int, float)) and self.clip_scale > 0):
             raise ValueError(f"clip_scale={self.clip_scale!r} is not allowed; use a positive float")
+        self._reject_ignored_fields()
         if not self.enabled:
             return
-        if self.grid == "fp4" and self.bits != 4:
-            raise ValueError(f"bits={self.bits!r} is not allowed with grid='fp4'; fp4 (e2m1) has bits=4")
-        if self.grid == "int_zero" and self.bits == 1:
-            raise ValueError("bits=1 is not allowed with grid='int_zero'; a zero level needs at least 3 levels (bits >= 1.58)")
-        learnable = self.scale == "lsq"
+        if why := grid_bits_error(self.grid, self.bits):
+            raise ValueError(why)
+        learnable = self.scale == LEARNABLE_SCALE
         if self.estimator in LEARNABLE_SCALE_ESTIMATORS and not learnable:
             raise ValueError(f"estimator={self.estimator!r} trains the scale; it needs scale='lsq', got scale={self.scale!r}")
         if learnable and self.estimator not in LEARNABLE_SCALE_ESTIMATORS:
@@ -122,6 +107,18 @@ class QuantizerConfig:
         if learnable and gran != "row":
             raise ValueError(f"granularity={gran!r} is not allowed with scale='lsq' (one learnable scale per tensor); use 'row'")
 
+    def _reject_ignored_fields(self) -> None:
+        """One rule: a field that only one choice reads must keep its default under any other
+        choice, so that no value is accepted and silently ignored."""
+        if self.hadamard_block != DEFAULT_HADAMARD_BLOCK and self.rotation != "hadamard":
+            raise ValueError(f"hadamard_block={self.hadamard_block!r} is ignored with rotation={self.rotation!r}; set rotation='hadamard' or leave it at {DEFAULT_HADAMARD_BLOCK}")
+        if not self.enabled:
+            return  # 16 bits: no estimator runs, so its knobs are moot (presets share them)
+        if self.trust is not None and self.estimator != "trust":
+            raise ValueError(f"trust={self.trust!r} is ignored with estimator={self.estimator!r}; use estimator='trust' or trust=null")
+        if self.clip_scale != DEFAULT_CLIP_SCALE and self.estimator != "clip":
+            raise ValueError(f"clip_scale={self.clip_scale!r} is ignored with estimator={self.estimator!r}; use estimator='clip' or leave it at {DEFAULT_CLIP_SCALE}")
+
     @property
     def enabled(self) -> bool:
         """False for bits=16: values pass unquantized (after the rotation, if any)."""
@@ -130,6 +127,10 @@ class QuantizerConfig:
     @property
     def learnable_scale(self) -> bool:
         return self.enabled and self.scale == "lsq"
+
+    def trust_radius(self, grid: Grid) -> float:
+        """The trust radius in RMS units (`trust`, or half the outermost grid step)."""
+        return self.trust if self.trust is not None else grid.default_trust
 
     def block_for(self, dim: int) -> int:
         """The Hadamard block for a last dim of size `dim` ('full' resolved)."""

@@ -33,7 +33,12 @@ def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, optimizer: Callable[..., torch.optim.Optimizer], weight_decay: float) -> torch.optim.Optimizer:
-    """optimizer: a partial (e.g. AdamW with lr and betas) taking parameter groups."""
-    return optimizer(decay_groups(model, weight_decay))
+def build_optimizer(model: nn.Module, optimizer: Callable[..., torch.optim.Optimizer]) -> torch.optim.Optimizer:
+    """optimizer: a partial (e.g. AdamW with lr, betas and weight_decay) taking parameter
+    groups. Its `weight_decay` is the one value: it goes to the decayed group, 0 to the rest."""
+    keywords = getattr(optimizer, "keywords", {})
+    weight_decay = keywords.get("weight_decay", 0.0)
+    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or weight_decay < 0:
+        raise ValueError(f"optimizer.weight_decay={weight_decay!r} must be a number >= 0")
+    return optimizer(decay_groups(model, float(weight_decay)))
 

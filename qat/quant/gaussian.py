@@ -13,7 +13,7 @@ import numpy as np
 from scipy.optimize import minimize_scalar, root
 from scipy.special import ndtr, ndtri
 
-from qat.config import n_levels
+from qat.quant.bits import n_levels
 
 _SQRT_2PI = np.sqrt(2.0 * np.pi)
 

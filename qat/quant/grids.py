@@ -10,13 +10,15 @@ for "int" and "int_zero", which differ only in where the centre sits); non-unifo
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from qat.config import QuantizerConfig, n_levels
-from qat.gaussian import fit_level_scale, gaussian_levels
+from qat.quant.bits import TERNARY_BITS, n_levels, parse_bits
+from qat.quant.gaussian import fit_level_scale, gaussian_levels
+from qat.quant.registry import registrar
 
 # e2m1 magnitudes: 0, 0.5, 1, 1.5, 2, 3, 4, 6 (sign bit separate; +0 and -0 are one level).
 _E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
@@ -44,26 +46,64 @@ class Grid:
     def size(self) -> int:
         return len(self.levels)
 
-    @property
-    def outer_step(self) -> float:
-        """Gap between the two outermost levels, in units of s."""
-        return self.levels[-1] - self.levels[-2]
+
+# Each grid: its unit levels at a bit-width (ascending, spanning [-1, 1]) and its centre
+# (steps from 0 to +-1) when uniform, else None. The keys are the allowed `grid` values.
+GRIDS: dict[str, Callable[[int | float], tuple[tuple[float, ...], float | None]]] = {}
+register_grid = registrar(GRIDS)
+
+
+def _uniform(center: float) -> tuple[tuple[float, ...], float]:
+    return tuple(((np.arange(2 * center + 1) - center) / center).tolist()), center
+
+
+@register_grid("int")
+def int_levels(bits: int | float) -> tuple[tuple[float, ...], float]:
+    """n points spanning [-1, 1], +-(k + 1/2) * step for even n (QuEST's grid, no zero)."""
+    return _uniform((n_levels(bits) - 1) / 2)
+
+
+@register_grid("int_zero")
+def int_zero_levels(bits: int | float) -> tuple[tuple[float, ...], float]:
+    """Symmetric with zero: k * step with |k| <= floor((n - 1) / 2), e.g. [-7, 7] at 4 bits."""
+    return _uniform(float((n_levels(bits) - 1) // 2))
+
+
+@register_grid("gaussian")
+def gaussian_grid_levels(bits: int | float) -> tuple[tuple[float, ...], None]:
+    """Lloyd-Max levels of N(0, 1), divided by the outermost one."""
+    raw = gaussian_levels(bits)
+    return tuple((raw / raw[-1]).tolist()), None
+
+
+@register_grid("fp4")
+def fp4_levels(bits: int | float) -> tuple[tuple[float, ...], None]:
+    """e2m1 values (+0 and -0 are one level), divided by 6."""
+    raw = np.array(sorted({-v for v in _E2M1} | set(_E2M1)))
+    return tuple((raw / raw[-1]).tolist()), None
+
+
+def grid_bits_error(grid: str, bits: int | float) -> str | None:
+    """Why `grid` cannot have `bits` (one phrase), or None. bits=16 means no grid and is fine."""
+    if bits == 16:
+        return None
+    if grid == "fp4" and bits != 4:
+        return f"bits={bits!r} is not allowed with grid='fp4'; fp4 (e2m1) has bits=4"
+    if grid == "int_zero" and bits == 1:
+        return f"bits=1 is not allowed with grid='int_zero'; a zero level needs at least 3 levels (bits >= {TERNARY_BITS})"
+    return None
 
 
 @functools.cache
 def make_grid(bits: int | float, grid: str = "int") -> Grid:
-    """The unit level set of `grid` at `bits` (validated through QuantizerConfig), with its
-    MSE-optimal Gaussian scale and QuEST's default trust radius."""
-    QuantizerConfig(bits=bits, grid=grid, rotation="none")  # one place for the rules
-    n = n_levels(bits)
-    if grid in ("int", "int_zero"):
-        # int: n points spanning [-1, 1], +-(k + 1/2) * step for even n (QuEST's grid, no zero).
-        # int_zero: symmetric with zero, k * step with |k| <= floor((n - 1) / 2), e.g. [-7, 7].
-        center = (n - 1) / 2 if grid == "int" else float((n - 1) // 2)
-        levels = tuple(((np.arange(2 * center + 1) - center) / center).tolist())
-    else:
-        raw = gaussian_levels(bits) if grid == "gaussian" else np.array(sorted({-v for v in _E2M1} | set(_E2M1)))
-        center, levels = None, tuple((raw / raw[-1]).tolist())
+    """The unit level set of `grid` at `bits`, with its MSE-optimal Gaussian scale and
+    QuEST's default trust radius (half the outermost step at that scale, in RMS units)."""
+    bits = parse_bits(bits)
+    if grid not in GRIDS:
+        raise ValueError(f"grid={grid!r} is not allowed; choose one of {', '.join(map(repr, GRIDS))}")
+    if bits == 16 or (why := grid_bits_error(grid, bits)):
+        raise ValueError(why or "bits=16 has no grid (no quantization)")
+    levels, center = GRIDS[grid](bits)
     c = fit_level_scale(levels)
     return Grid(grid, levels, center, gaussian_scale=c, default_trust=c * (levels[-1] - levels[-2]) / 2)
 

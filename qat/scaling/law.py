@@ -33,24 +33,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from qat.scaling_solver import N_CORE, REFERENCE, Problem, batched_lm, make_problem, polish, residuals, starts
+from qat.scaling.runs import Run
+from qat.scaling.solver import N_CORE, REFERENCE, Problem, batched_lm, make_problem, polish, residuals, starts
 
 LAWS = ("quest", "kumar")
 DEFAULT_HUBER_DELTA = 1e-2
 MIN_SIZES_FOR_LOSO = 3  # with fewer distinct N, a fold has one size left and cannot see alpha
-
-
-@dataclass(frozen=True)
-class Run:
-    """One training run. w_bits/a_bits are only needed by the kumar law (16 = bf16)."""
-
-    N: float  # non-embedding parameters
-    D: float  # training tokens
-    precision: str  # key, e.g. "bf16", "w4a4", "w4a16", "fp4", "2:4", "w4a4-nohad"
-    loss: float  # final validation loss (nats/token)
-    w_bits: float | None = None
-    a_bits: float | None = None
-    size_label: str | None = None
 
 
 def _is_positive_number(x: Any) -> bool:
@@ -115,6 +103,7 @@ class ScalingFit:
     mean_rel_error: float
     max_rel_error: float
     n_starts: int = 0
+    memory_bits: dict[str, float] = field(default_factory=dict)  # key -> stored bits per weight, from the runs
     start_costs: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False, compare=False)
 
     def predict(self, N: Any, D: Any, precision: str | Sequence[str]) -> np.ndarray:
@@ -131,6 +120,7 @@ class ScalingFit:
         keys = ("law", "A", "alpha", "B", "beta", "E", "eff", "law_params", "cost", "huber_delta", "n_runs", "mean_rel_error", "max_rel_error", "n_starts")
         out = {k: getattr(self, k) for k in keys}
         out["bits"] = {k: list(v) for k, v in self.bits.items()}
+        out["memory_bits"] = dict(self.memory_bits)
         return out
 
     @classmethod
@@ -140,6 +130,7 @@ class ScalingFit:
                 **{k: d[k] for k in ("law", "A", "alpha", "B", "beta", "E", "eff", "law_params", "cost", "huber_delta", "n_runs", "mean_rel_error", "max_rel_error")},
                 bits={k: tuple(v) for k, v in d.get("bits", {}).items()},
                 n_starts=d.get("n_starts", 0),
+                memory_bits=dict(d.get("memory_bits") or {}),
             )
         except KeyError as err:
             raise ValueError(f"fit is missing key {err.args[0]!r}; was it written by fit_scaling_law?") from None
@@ -173,6 +164,17 @@ def _rel_errors(p: Problem, theta: np.ndarray) -> np.ndarray:
     return np.abs(np.expm1(-r[0]))  # L_hat / L - 1
 
 
+def memory_bits_by_key(runs: Sequence[Run]) -> dict[str, float]:
+    """Stored bits per weight of each precision key, as the runs recorded them."""
+    return {r.precision: float(r.memory_bits) for r in runs if r.memory_bits is not None}
+
+
+def memory_bits_of(fit: ScalingFit, key: str) -> float:
+    if key not in fit.memory_bits:
+        raise ValueError(f"precision {key!r} has no recorded memory bits in this fit; known: {', '.join(sorted(fit.memory_bits)) or 'none'}")
+    return fit.memory_bits[key]
+
+
 def fit_scaling_law(runs: Sequence[Run], law: str = "quest", n_starts: int = 1024, seed: int = 0, huber_delta: float = DEFAULT_HUBER_DELTA, n_polish: int = 4) -> ScalingFit:
     """Multi-start robust fit; returns the lowest-cost optimum over all starts."""
     validate_runs(runs, law)
@@ -193,6 +195,7 @@ def fit_scaling_law(runs: Sequence[Run], law: str = "quest", n_starts: int = 102
         mean_rel_error=float(rel.mean()),
         max_rel_error=float(rel.max()),
         n_starts=n_starts,
+        memory_bits=memory_bits_by_key(runs),
         start_costs=cost,
     )
 

@@ -1,0 +1,1 @@
+"""Using a trained model: validation loss, multiple-choice accuracy and sampling."""

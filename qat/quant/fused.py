@@ -1,0 +1,54 @@
+"""The bridge from a quantizer config to the fused Triton kernels.
+
+`kernels/` knows nothing of configs or grids; this file derives what the kernels take
+(the resolved Hadamard block, and the constants c(bits), grid centre, trust radius, clip)
+from the same config and grid that `fake_quantize` uses, so a kernel that matches
+`fake_quantize` matches training. Blocks longer than the kernel's register tile are rotated
+here first, by the same `hadamard_transform` as the torch path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import kernels
+from qat.quant.config import QuantizerConfig
+from qat.quant.estimators import Quantized
+from qat.quant.grids import Grid
+from qat.quant.hadamard import check_block, hadamard_transform
+
+
+def fused_unsupported_reason(cfg: QuantizerConfig) -> str | None:
+    """None when the fused kernels cover this config, else why not (asked once per quantizer)."""
+    return kernels.unsupported_config_reason(
+        enabled=cfg.enabled, grid=cfg.grid, scale=cfg.scale, estimator=cfg.estimator, granularity=cfg.granularity, sparsity=cfg.sparsity
+    )
+
+
+def use_fused(cfg: QuantizerConfig, unsupported: str | None, x: torch.Tensor) -> bool:
+    """The backend decision for one call (the config part, `unsupported`, decided earlier)."""
+    return kernels.use_triton(cfg.backend, unsupported, x)
+
+
+def kernel_scalars(cfg: QuantizerConfig, grid: Grid) -> kernels.QuantScalars:
+    return kernels.QuantScalars(
+        scale_factor=grid.gaussian_scale, center=float(grid.center), trust=float(cfg.trust_radius(grid)),
+        clip=float(cfg.clip_scale), estimator=cfg.estimator,
+    )  # fmt: skip
+
+
+def fused_fake_quantize(x: torch.Tensor, cfg: QuantizerConfig, grid: Grid, *, with_codes: bool = True) -> Quantized:
+    """`fake_quantize(x, cfg, grid)` through the fused kernels (configs where
+    `fused_unsupported_reason(cfg)` is None). scale comes back as [..., 1], like the torch path."""
+    if why := fused_unsupported_reason(cfg):
+        raise ValueError(f"the fused Triton kernels do not support {why}; use backend='torch'")
+    block = 0
+    if cfg.rotation == "hadamard":
+        block = cfg.block_for(x.shape[-1])
+        check_block(x.shape[-1], block)
+        if block > kernels.MAX_FUSED_BLOCK:
+            # Too long for one program's registers: rotate first (same function, same rounding
+            # to x's dtype as the torch path), then quantize unrotated.
+            x, block = hadamard_transform(x, block), 0
+    qz = kernels.fused_quantize_rows(x, block, kernel_scalars(cfg, grid), with_codes=with_codes)
+    return Quantized(qz.value, qz.codes, qz.grad_mask, qz.scale.unsqueeze(-1))

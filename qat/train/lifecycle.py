@@ -1,0 +1,87 @@
+"""The model half of the lifecycle, in one place: plain model -> initialised -> quantized.
+
+`build_net` is what train.py, checkpoint loading, the benchmarks and export all call, so a
+model is built and converted the same way everywhere. Compiling and wrapping for the
+trainer come after it, in train.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from models import Llama, LlamaConfig, llama_config
+from qat.quant.config import QuantizerConfig
+from qat.quant.convert import quantize_model
+from qat.quant.hadamard import check_block
+from qat.quant.linear import QuantLinear
+
+# Models above this many parameters are built on the meta device (no memory, no default
+# init) and materialised once: the default nn.Linear init of a billion-parameter model
+# costs minutes on a CPU and is overwritten anyway. Smaller models are built directly, so
+# their weights (and every recorded loss curve) do not depend on this switch.
+META_BUILD_PARAMS = 100_000_000
+
+
+def net_config(model: Mapping[str, Any], vocab_size: int, max_seq_len: int) -> LlamaConfig:
+    """LlamaConfig from the `model` group (size name plus field overrides)."""
+    return llama_config(vocab_size=vocab_size, max_seq_len=max_seq_len, **dict(model))
+
+
+def build_plain_net(cfg: LlamaConfig) -> Llama:
+    """The plain model, initialised (QuEST init), on the CPU."""
+    with torch.device("meta"):
+        probe = Llama(cfg)
+    if probe.num_params(non_embedding=False) <= META_BUILD_PARAMS:
+        return Llama(cfg)
+    probe.to_empty(device="cpu")
+    probe.init_weights()
+    return probe
+
+
+def check_quantizable(net: nn.Module, weight: QuantizerConfig, activation: QuantizerConfig) -> None:
+    """Every quantized layer's dims against the quantizer configs, once, at build time."""
+    for name, layer in net.named_modules():
+        if not isinstance(layer, QuantLinear):
+            continue
+        for side, qcfg in (("weight", weight), ("activation", activation)):
+            dim = layer.in_features
+            try:
+                if qcfg.rotation == "hadamard":
+                    check_block(dim, qcfg.block_for(dim))
+                if qcfg.granularity != "row" and dim % qcfg.granularity:
+                    raise ValueError(f"granularity={qcfg.granularity} does not divide the input dim {dim}")
+                if qcfg.sparsity == "2:4" and dim % 4:
+                    raise ValueError(f"sparsity='2:4' needs an input dim divisible by 4, got {dim}")
+            except ValueError as err:
+                raise ValueError(f"quant.{side} on layer {name} (input dim {dim}): {err}") from None
+
+
+def build_net(cfg: DictConfig | Mapping[str, Any], vocab_size: int) -> nn.Module:
+    """The model a run trains: `cfg.model` built plain, initialised, then every block linear
+    swapped for a QuantLinear with `cfg.quant`'s weight and activation configs."""
+    cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(dict(cfg))
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    net = build_plain_net(net_config(model, vocab_size, cfg.data.seq_len))
+    weight, activation = (QuantizerConfig.from_mapping(OmegaConf.to_container(cfg.quant[s], resolve=True)) for s in ("weight", "activation"))
+    quantize_model(net, weight, activation)
+    check_quantizable(net, weight, activation)
+    return net
+
+
+def quantization_metadata(net: nn.Module) -> dict[str, Any]:
+    """What the checkpoint records of the quantization, read off the net's own layers:
+    the weight and activation configs and the quantized layers' names."""
+    layers = {name: m for name, m in net.named_modules() if isinstance(m, QuantLinear)}
+    if not layers:
+        return {"weight": QuantizerConfig.from_mapping(None).to_dict(), "activation": QuantizerConfig.from_mapping(None).to_dict(), "layers": []}
+    first = next(iter(layers.values()))
+    return {
+        "weight": first.weight_quantizer.cfg.to_dict(),
+        "activation": first.input_quantizer.cfg.to_dict(),
+        "layers": list(layers),
+    }

@@ -1,0 +1,169 @@
+"""The run config: a typed schema for train.yaml's own keys, and every check of the composed
+config, each made once, before any expensive work.
+
+Config groups carry their own schemas (`QuantizerConfig`, `LlamaConfig`, the data module);
+this file owns the top-level keys (seed, compile, telemetry_every, max_tokens,
+tokens_per_param, resume, skip_completed, checkpoint.*) and the facts that span groups
+(batch, sequence length, accumulation, step budget, launch mode). A bad value becomes one
+`ConfigError` line naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from hydra.errors import InstantiationException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+
+from qat.quant.config import QuantizerConfig
+
+DISTRIBUTED_ENV = ("TORCHELASTIC_RUN_ID", "SLURM_NTASKS")
+
+
+class ConfigError(ValueError):
+    """A bad override, reported as one line before any expensive work."""
+
+
+@contextlib.contextmanager
+def config_errors() -> Iterator[None]:
+    """Turn the ways a bad override surfaces (ValueError, Hydra's InstantiationException
+    wrapping one, a missing ??? value) into a one-line ConfigError."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except InstantiationException as err:
+        cause = err.__cause__
+        while isinstance(cause, InstantiationException):  # nested instantiate() calls
+            cause = cause.__cause__
+        if isinstance(cause, (ValueError, MissingMandatoryValue)):
+            raise ConfigError(_one_line(cause)) from None
+        raise
+    except (MissingMandatoryValue, ValueError) as err:
+        raise ConfigError(_one_line(err)) from None
+
+
+def _one_line(err: BaseException) -> str:
+    if isinstance(err, MissingMandatoryValue):
+        return f"missing value for {err.full_key}: set {err.full_key}=..."
+    return str(err).strip().splitlines()[0]
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_int(key: str, value: Any, minimum: int) -> None:
+    if not _is_int(value) or value < minimum:
+        raise ConfigError(f"{key}={value!r} must be an integer >= {minimum}")
+
+
+def _check_positive_or_null(key: str, value: Any) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0):
+        raise ConfigError(f"{key}={value!r} must be a positive number or null")
+
+
+def _check_bool(key: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}={value!r} must be true or false")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every_n_steps: int = 100  # a checkpoint every N optimizer steps, plus last.ckpt
+    keep_all: bool = True  # keep every N-step checkpoint (false: only last.ckpt)
+
+    def __post_init__(self) -> None:
+        _check_int("checkpoint.every_n_steps", self.every_n_steps, 1)
+        _check_bool("checkpoint.keep_all", self.keep_all)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """train.yaml's top-level keys, validated once (see configs/train.yaml for their meaning)."""
+
+    seed: int = 0
+    compile: bool = False
+    telemetry_every: int = 50
+    max_tokens: float | None = None
+    tokens_per_param: float | None = None
+    resume: bool = True
+    skip_completed: bool = False
+    checkpoint: CheckpointConfig = CheckpointConfig()
+
+    def __post_init__(self) -> None:
+        _check_int("seed", self.seed, 0)
+        _check_int("telemetry_every", self.telemetry_every, 0)
+        for key in ("compile", "resume", "skip_completed"):
+            _check_bool(key, getattr(self, key))
+        _check_positive_or_null("max_tokens", self.max_tokens)
+        _check_positive_or_null("tokens_per_param", self.tokens_per_param)
+        if self.max_tokens is not None and self.tokens_per_param is not None:
+            raise ConfigError(f"max_tokens={self.max_tokens!r} and tokens_per_param={self.tokens_per_param!r} both set a budget; set one of them")
+
+    @classmethod
+    def from_cfg(cls, cfg: DictConfig) -> RunConfig:
+        """The schema's fields from the composed config (the groups are checked elsewhere)."""
+        fields = {k: OmegaConf.select(cfg, k) for k in ("seed", "compile", "telemetry_every", "max_tokens", "tokens_per_param", "resume", "skip_completed")}
+        fields = {k: v for k, v in fields.items() if v is not None or k in ("max_tokens", "tokens_per_param")}
+        checkpoint = OmegaConf.to_container(cfg.checkpoint, resolve=True) if "checkpoint" in cfg else {}
+        unknown = sorted(set(checkpoint) - {"every_n_steps", "keep_all"})
+        if unknown:
+            raise ConfigError(f"checkpoint.{unknown[0]} is not a key; allowed: checkpoint.every_n_steps, checkpoint.keep_all")
+        return cls(**fields, checkpoint=CheckpointConfig(**checkpoint))
+
+
+def quantizer_configs(cfg: DictConfig) -> tuple[QuantizerConfig, QuantizerConfig]:
+    """(weight, activation) configs from the `quant` group, named in errors."""
+    out = []
+    for side in ("weight", "activation"):
+        try:
+            out.append(QuantizerConfig.from_mapping(OmegaConf.to_container(cfg.quant[side], resolve=True)))
+        except ValueError as err:
+            raise ConfigError(f"quant.{side}: {err}") from None
+    return out[0], out[1]
+
+
+def tokens_per_step(cfg: DictConfig) -> int:
+    return cfg.data.batch_size * cfg.data.seq_len * cfg.trainer.get("accumulate_grad_batches", 1)
+
+
+def check_batch_shape(cfg: DictConfig) -> None:
+    """data.seq_len, data.batch_size and trainer.accumulate_grad_batches: checked here only."""
+    for key, minimum in (("data.seq_len", 2), ("data.batch_size", 1), ("trainer.accumulate_grad_batches", 1)):
+        value = OmegaConf.select(cfg, key)
+        if value is not None:
+            _check_int(key, value, minimum)
+
+
+def resolve_max_steps(cfg: DictConfig, non_embedding_params: int) -> int:
+    """trainer.max_steps, or the steps that `tokens_per_param` / `max_tokens` ask for
+    (the one place max_steps is checked)."""
+    tokens = cfg.get("max_tokens")
+    if cfg.get("tokens_per_param") is not None:
+        tokens = cfg.tokens_per_param * non_embedding_params
+    if tokens is None:
+        steps = cfg.trainer.get("max_steps")
+        if not _is_int(steps) or steps < 1:
+            raise ConfigError(f"trainer.max_steps={steps!r} must be an integer >= 1 (or set max_tokens / tokens_per_param)")
+        return int(steps)
+    return max(1, math.ceil(tokens / tokens_per_step(cfg)))
+
+
+def check_launch(cfg: DictConfig, multirun: bool) -> None:
+    """Hydra multirun + a subprocess-launching strategy would re-run the whole sweep in
+    every rank; such jobs must be started by torchrun or srun (which set the ranks)."""
+    strategy = cfg.trainer.get("strategy")
+    name = strategy if isinstance(strategy, str) else str(OmegaConf.select(cfg, "trainer.strategy._target_", default=""))
+    multi = "ddp" in name.lower() or "fsdp" in name.lower()
+    if multirun and multi and not any(k in os.environ for k in DISTRIBUTED_ENV):
+        raise ConfigError(
+            "trainer=ddp/fsdp inside a Hydra multirun must be launched by torchrun or srun "
+            "(e.g. hydra/launcher=slurm); a plain multirun would re-launch the sweep in every rank"
+        )

@@ -1,0 +1,82 @@
+"""The run record: results.json, kept current during a run and written atomically."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.callbacks import Callback
+from omegaconf import DictConfig
+
+from qat.io import atomic_write_json
+from qat.quant.config import QuantizerConfig
+from qat.scaling.precision import precision_key, storage_bits
+
+RESULTS_FILE = "results.json"
+
+
+def read_results(run_dir: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((run_dir / RESULTS_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def is_completed(run_dir: Path) -> bool:
+    results = read_results(run_dir)
+    return results is not None and results.get("status") == "completed"
+
+
+class RunRecord:
+    """Accumulates what results.json reports and writes it atomically (rank 0 only)."""
+
+    def __init__(
+        self, run_dir: Path, cfg: DictConfig, weight: QuantizerConfig, activation: QuantizerConfig, rank: int, overrides: list[str]
+    ) -> None:
+        self.path = run_dir / RESULTS_FILE
+        self.rank = rank
+        self.start = time.time()
+        self.data: dict[str, Any] = {
+            "status": "running",
+            "model": cfg.model.size,
+            "quant_preset": cfg.quant.name,
+            "w_bits": float(weight.bits),
+            "a_bits": float(activation.bits),
+            "memory_bits": storage_bits(float(weight.bits), weight.sparsity == "2:4"),
+            "precision": precision_key(weight, activation),
+            "seed": cfg.seed,
+            "run_dir": str(run_dir),
+            "overrides": list(overrides),
+            "quantization": {"weight": weight.to_dict(), "activation": activation.to_dict()},
+        }
+
+    def update(self, **values: Any) -> None:
+        self.data.update(values)
+
+    def write(self, status: str | None = None) -> None:
+        if status:
+            self.data["status"] = status
+        self.data["wall_time_s"] = round(time.time() - self.start, 3)
+        if self.rank == 0:
+            atomic_write_json(self.path, self.data)
+
+
+class StepRecorder(Callback):
+    """Keeps results.json's step/tokens current at every checkpoint-sized interval."""
+
+    def __init__(self, record: RunRecord, tokens_per_step: int, every: int) -> None:
+        self.record, self.tokens_per_step, self.every = record, tokens_per_step, max(1, every)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+        if trainer.global_step % self.every == 0:
+            self.record.update(step=trainer.global_step, tokens=trainer.global_step * self.tokens_per_step)
+            self.record.write()
+
+
+def fail(message: str) -> None:
+    """One line on stderr, exit code 2 (bad input), nothing trained."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
