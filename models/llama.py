@@ -19,6 +19,11 @@ project relies on them):
 Architecture and initialisation follow the QuEST training code: pre-norm
 residual blocks, no biases, untied embeddings by default, N(0, 0.02) weights with
 the residual output projections scaled down by 1/sqrt(2 * n_layer).
+
+Incremental decoding: `model(idx, cache)` with `cache = model.new_kv_cache(B, max_len)`
+runs only the new tokens, at positions cache.length onwards, against the cached keys
+and values (see models/kv_cache.py). The linears still see [B, T, d] inputs and act on
+each token row independently, so a cached step gives the values a full recompute gives.
 """
 
 import math
@@ -27,6 +32,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from models.kv_cache import KVCache
 
 
 def _is_positive_int(value: object) -> bool:
@@ -152,7 +159,14 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=False)
         self.proj = nn.Linear(self.n_head * self.head_dim, cfg.d_model, bias=False)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope: torch.Tensor, cache: KVCache | None = None, layer: int = 0
+    ) -> torch.Tensor:
+        """x: [B, T, d], rope: [T, hd/2, 2] for x's positions -> [B, T, d].
+
+        Without a cache x holds positions 0..T-1. With one it holds positions
+        cache.length .. cache.length+T-1, and attends to the cached prefix too.
+        """
         B, T, _ = x.shape
         q_size = self.n_head * self.head_dim
         kv_size = self.n_kv_head * self.head_dim
@@ -161,16 +175,40 @@ class Attention(nn.Module):
         k = apply_rope(k.view(B, T, self.n_kv_head, self.head_dim), rope)  # [B, T, Hkv, hd]
         v = v.view(B, T, self.n_kv_head, self.head_dim)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, T, hd]
+        start = 0
+        if cache is not None:
+            start = cache.length
+            k, v = cache.update(layer, k, v)  # [B, Hkv, start + T, hd]
+            # A cache kept in a wider dtype than autocast's (fp32 vs bf16) holds the bf16
+            # values exactly; SDPA wants one dtype.
+            k, v = k.to(q.dtype), v.to(q.dtype)
         if self.n_kv_head != self.n_head:
             # Query head h reads kv head h // (n_head / n_kv_head). Explicit repeat instead
             # of SDPA's enable_gqa, which torch 2.4 lacks. Depends only on the config,
             # so torch.compile sees a fixed branch.
             group = self.n_head // self.n_kv_head
-            k = k.repeat_interleave(group, dim=1)  # [B, H, T, hd]
+            k = k.repeat_interleave(group, dim=1)  # [B, H, S, hd], S = start + T keys
             v = v.repeat_interleave(group, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, T, hd]
+        y = causal_attention(q, k, v, start)  # [B, H, T, hd]
         y = y.transpose(1, 2).reshape(B, T, q_size)  # [B, T, H * hd]
         return self.proj(y)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
+    """q: [B, H, T, hd] at positions start..start+T-1; k, v: [B, H, start+T, hd] at 0..start+T-1.
+
+    Query t may see keys 0..start+t. SDPA's `is_causal` aligns the mask top-left (query t
+    sees keys 0..t), which is right only when start = 0, so later chunks get an explicit mask.
+    `start` is a Python int: the branch is fixed per call and torch.compile guards on it.
+    """
+    if start == 0:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)  # the training call, unchanged
+    T, S = q.size(2), k.size(2)
+    if T == 1:
+        return F.scaled_dot_product_attention(q, k, v)  # one new token sees everything before it
+    query_pos = torch.arange(start, start + T, device=q.device)
+    mask = torch.arange(S, device=q.device) <= query_pos[:, None]  # [T, S], True = may attend
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 class SwiGLU(nn.Module):
@@ -197,8 +235,10 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = SwiGLU(cfg)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), rope)
+    def forward(
+        self, x: torch.Tensor, rope: torch.Tensor, cache: KVCache | None = None, layer: int = 0
+    ) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), rope, cache, layer)
         x = x + self.mlp(self.mlp_norm(x))
         return x
 
@@ -246,16 +286,66 @@ class Llama(nn.Module):
             self.rope_cache = cache
         return cache[:seq_len]
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """idx: LongTensor [B, T] -> logits [B, T, vocab] (no loss; the trainer computes it)."""
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """idx: LongTensor [B, T] -> logits [B, T, vocab] (no loss; the trainer computes it).
+
+        Without a cache idx holds positions 0..T-1. With one it holds positions
+        cache.length .. cache.length+T-1 (a whole prompt, a chunk of it, or one new token);
+        their keys and values are added to the cache and cache.length advances by T.
+        """
         B, T = idx.shape
-        if T > self.cfg.max_seq_len:
-            raise ValueError(f"sequence length {T} exceeds max_seq_len={self.cfg.max_seq_len}")
-        rope = self._rope(T, idx.device)  # [T, hd/2, 2]
+        if cache is None:
+            if T > self.cfg.max_seq_len:
+                raise ValueError(f"sequence length {T} exceeds max_seq_len={self.cfg.max_seq_len}")
+            rope = self._rope(T, idx.device)  # [T, hd/2, 2]
+        else:
+            start = self._check_cache(cache, B, T)
+            # The table for all cache positions, built once per cache size rather than
+            # once per decoded token; its rows do not depend on its length.
+            rope = self._rope(cache.max_len, idx.device)[start : start + T]  # [T, hd/2, 2]
         x = self.embed(idx)  # [B, T, d]
-        for block in self.layers:
-            x = block(x, rope)
+        for i, block in enumerate(self.layers):
+            x = block(x, rope, cache, i)
+        if cache is not None:
+            cache.advance(T)
         return self.lm_head(self.norm(x))  # [B, T, vocab]
+
+    def new_kv_cache(
+        self,
+        batch_size: int,
+        max_len: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> KVCache:
+        """An empty cache for `batch_size` sequences of up to `max_len` (default max_seq_len)
+        tokens. Device and dtype default to the model's: a cache in a narrower dtype than the
+        compute would round the keys and values, and cached decoding would drift from recompute."""
+        max_len = self.cfg.max_seq_len if max_len is None else max_len
+        if not _is_positive_int(batch_size):
+            raise ValueError(f"batch_size={batch_size!r}: must be a positive int")
+        if not _is_positive_int(max_len) or max_len > self.cfg.max_seq_len:
+            raise ValueError(f"max_len={max_len!r}: must be a positive int <= max_seq_len={self.cfg.max_seq_len}")
+        weight = self.embed.weight
+        return KVCache(
+            self.cfg.n_layer,
+            batch_size,
+            self.cfg.kv_heads,
+            max_len,
+            self.cfg.head_dim,
+            device=weight.device if device is None else device,
+            dtype=weight.dtype if dtype is None else dtype,
+        )
+
+    def _check_cache(self, cache: KVCache, batch_size: int, n_tokens: int) -> int:
+        """The first position of the new tokens; a one-line error where they do not fit."""
+        start, end = cache.length, cache.length + n_tokens
+        if batch_size != cache.batch_size:
+            raise ValueError(f"batch size {batch_size} does not match the KV cache's batch_size={cache.batch_size}")
+        if end > cache.max_len:
+            raise ValueError(f"positions {start}..{end - 1} exceed the KV cache's max_len={cache.max_len}")
+        if end > self.cfg.max_seq_len:
+            raise ValueError(f"positions {start}..{end - 1} exceed max_seq_len={self.cfg.max_seq_len}")
+        return start
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; a tied weight is counted once. `non_embedding=True` drops the
