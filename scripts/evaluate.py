@@ -1,7 +1,8 @@
-"""Evaluate a train.py checkpoint: val loss / perplexity on any configured data, and
-multiple-choice accuracy (HellaSwag JSONL format) with the quantized forward.
+"""Evaluate a trained model: val loss / perplexity on any configured data, and
+multiple-choice accuracy (HellaSwag JSONL format), with its quantized forward.
 
-    python scripts/evaluate.py --ckpt RUN/checkpoints/last.ckpt                  # the run's own val data
+    python scripts/evaluate.py --model EXPORT_DIR                                # a packed export (scripts/export.py)
+    python scripts/evaluate.py --ckpt RUN/checkpoints/last.ckpt                  # a checkpoint, the run's own val data
     python scripts/evaluate.py --ckpt ... data=local data.path=valid.jsonl data.val_batches=50
     python scripts/evaluate.py --ckpt ... --hellaswag hellaswag_val.jsonl --limit 1000
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from itertools import islice
 from pathlib import Path
 
@@ -22,8 +24,8 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from qat.train.checkpoint import load_trained
 from qat.inference.evaluation import loss_over, multiple_choice_accuracy
+from qat.inference.loading import load_model
 from qat.io import atomic_write_json
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -39,7 +41,9 @@ def data_config(run_config: dict, overrides: list[str]):
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="directory written by scripts/export.py (packed low-bit model)")
+    source.add_argument("--ckpt", help="checkpoint written by train.py")
     p.add_argument("--hellaswag", help="multiple-choice JSONL file (HellaSwag format)")
     p.add_argument("--limit", type=int, default=None, help="score only the first N multiple-choice examples")
     p.add_argument("--no-loss", action="store_true", help="skip the val-loss evaluation")
@@ -50,13 +54,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.hellaswag and not Path(args.hellaswag).is_file():
             raise ValueError(f"--hellaswag={args.hellaswag!r} does not exist")
-        model = load_trained(args.ckpt, args.device)
-        metrics: dict = {"checkpoint": args.ckpt, "step": model.step}
+        model = load_model(args.ckpt, args.model, args.device)
+        metrics: dict = {"model": model.source, "step": model.step}
         if not args.no_loss:
             dm = instantiate(data_config(model.config, args.overrides), tokenizer=model.tokenizer)
             dm.prepare_data()
             dm.setup("validate")
+            started = time.perf_counter()
             metrics["val"] = loss_over(model.net, dm.val_dataloader(), args.device)
+            metrics["val"]["tokens_per_s"] = metrics["val"]["tokens"] / (time.perf_counter() - started)
             if dm.loss_floor is not None:
                 metrics["val"]["loss_floor"] = dm.loss_floor
         if args.hellaswag:

@@ -82,6 +82,7 @@ def test_quantized_model_trains():
     assert losses[-1] < 0.5 * losses[0]
 
 
+@pytest.mark.slow  # inductor compiles three models: ~45 s on 2 cores
 @pytest.mark.parametrize("cfg", [W4, QuantizerConfig(bits=2, estimator="clip", clip_scale=1.3), QuantizerConfig(bits=4, sparsity="2:4")])
 def test_quantized_model_compiles_without_graph_breaks(cfg):
     # fullgraph=True fails on any graph break: the quantizer forward must read only

@@ -1,4 +1,4 @@
-"""Evaluation: language-model loss over a loader, sampling, and multiple-choice accuracy."""
+"""Evaluation: language-model loss over a loader, and multiple-choice accuracy."""
 
 from __future__ import annotations
 
@@ -23,31 +23,6 @@ def loss_over(net: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor
         raise ValueError("no validation batches to evaluate")
     loss = total / count
     return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": count}
-
-
-@torch.no_grad()
-def sample(
-    net: nn.Module, prompt: Sequence[int], max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-    max_seq_len: int | None = None, generator: torch.Generator | None = None, stop_id: int | None = None,
-) -> list[int]:
-    """Autoregressive sampling (temperature 0 = greedy) with the model's own (quantized) forward."""
-    device = next(net.parameters()).device
-    ids = list(prompt)
-    for _ in range(max_new_tokens):
-        context = torch.tensor([ids[-max_seq_len:] if max_seq_len else ids], device=device)
-        logits = net(context)[0, -1].float()
-        if temperature <= 0:
-            nxt = int(logits.argmax())
-        else:
-            logits = logits / temperature
-            if top_k:
-                kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            nxt = int(torch.multinomial(torch.softmax(logits, -1).cpu(), 1, generator=generator))
-        ids.append(nxt)
-        if stop_id is not None and nxt == stop_id:
-            break
-    return ids[len(prompt) :]
 
 
 @torch.no_grad()

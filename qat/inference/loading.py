@@ -1,0 +1,33 @@
+"""One way for the scripts to get a model: a training checkpoint (fake quantization, as
+trained) or a packed export directory (integer codes, the integer forward)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+
+class Model(NamedTuple):
+    net: nn.Module
+    tokenizer: Any
+    config: dict  # the run config it was trained with
+    step: int
+    source: str  # what it was loaded from, for reports
+
+
+def load_model(ckpt: str | Path | None = None, model_dir: str | Path | None = None, device: str | torch.device = "cpu") -> Model:
+    """Exactly one of `ckpt` (a train.py checkpoint) or `model_dir` (scripts/export.py output)."""
+    if (ckpt is None) == (model_dir is None):
+        raise ValueError("give exactly one of --ckpt (a train.py checkpoint) or --model (an exported directory)")
+    if ckpt is not None:
+        from qat.train.checkpoint import load_trained
+
+        net, tokenizer, config, step = load_trained(ckpt, device)
+        return Model(net, tokenizer, config, step, f"checkpoint {ckpt}")
+    from qat.packed.load import load_packed
+
+    net, tokenizer, config, step = load_packed(model_dir, device)
+    return Model(net, tokenizer, config, step, f"packed model {model_dir}")
