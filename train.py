@@ -9,7 +9,7 @@ The lifecycle, in this order and nowhere else:
     4. compile     optional, after quantization (state-dict keys stay the plain model's)
     5. module      the LightningModule receives the net, optimizer and scheduler partials
     6. trainer     checkpoints (atomic), telemetry callback, run record
-    7. fit         resuming from the run's last checkpoint, then a final validation
+    7. fit         resuming from the run's newest valid checkpoint, then a final validation
     8. results     results.json, and a summary line
 
 See README.md for the config groups.
@@ -31,20 +31,32 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from models import MODEL_SIZES, flops_per_token
-from qat.train.checkpoint import CHECKPOINT_DIR, LAST_CHECKPOINT, AtomicCheckpointIO, checkpoint_step, last_checkpoint
+from qat.train.checkpoint import (
+    CHECKPOINT_DIR,
+    LAST_CHECKPOINT,
+    AtomicCheckpointIO,
+    config_differences,
+    newest_checkpoint,
+    remove_stale_temp_files,
+)
+from qat.train.faults import Diverged, DivergenceGuard, Interrupted, SignalCheckpoint
 from qat.train.lifecycle import build_net
 from qat.train.lit_module import QATModule
 from qat.train.run_config import (
     ConfigError,
     RunConfig,
     check_batch_shape,
+    check_known_keys,
     check_launch,
+    check_optimizer_and_trainer,
+    check_scheduler,
+    check_world_divides_batch,
     config_errors,
     quantizer_configs,
     resolve_max_steps,
     tokens_per_step,
 )
-from qat.train.run_record import RunRecord, StepRecorder, fail, is_completed, read_results
+from qat.train.run_record import EXIT_DIVERGED, RunRecord, StepRecorder, fail, is_completed, read_results
 from qat.train.telemetry import QuantTelemetry
 
 
@@ -53,24 +65,51 @@ class Parts(NamedTuple):
     module: QATModule
     datamodule: L.LightningDataModule
     max_steps: int
+    resume_from: Path | None
+    start_step: int
+
+
+def choose_resume(cfg: DictConfig, run_dir: Path, run: RunConfig) -> tuple[Path | None, int]:
+    """The newest loadable checkpoint of this run directory (none with resume=false), checked
+    to be of the same model, quantization, tokenizer and data as this command."""
+    removed = remove_stale_temp_files(run_dir)
+    if removed and int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        print(f"removed {len(removed)} temp file(s) of an interrupted write")
+    found = newest_checkpoint(run_dir) if run.resume else None
+    if found is None:
+        return None, 0
+    path, ckpt = found
+    differ = config_differences(ckpt.get("config") or {}, OmegaConf.to_container(cfg, resolve=True))
+    if differ:
+        raise ConfigError(
+            f"{path} was trained with a different {', '.join(differ[:6])}{' ...' if len(differ) > 6 else ''}; "
+            "resume=false (or another run_name=) starts a new run"
+        )
+    return path, int(ckpt["global_step"])
 
 
 def build(cfg: DictConfig, run_dir: Path, multirun: bool) -> Parts | None:
     """Steps 0-5 of the lifecycle; None when the run is already completed and may be skipped."""
     # 0. Checks that cost nothing, each made once.
+    check_known_keys(cfg)
     run = RunConfig.from_cfg(cfg)
     quantizer_configs(cfg)
     check_batch_shape(cfg)
+    check_world_divides_batch(cfg)
+    check_optimizer_and_trainer(cfg)
+    check_scheduler(cfg)
     check_launch(cfg, multirun)
     if cfg.model.size not in MODEL_SIZES:
         raise ConfigError(f"model.size={cfg.model.size!r} is not allowed; choose one of {', '.join(MODEL_SIZES)}")
+    tokenizer = instantiate(cfg.tokenizer)
+    build_net(cfg, tokenizer.vocab_size, device="meta")  # every layer's dims vs the quantizers, free
     if run.skip_completed and is_completed(run_dir):
         print(f"skipping {run_dir}: results.json says completed")
         return None
+    resume_from, start_step = choose_resume(cfg, run_dir, run)
     L.seed_everything(run.seed, workers=True)
 
     # 1. Data: tokenized once into a cache (rank 0 here; the other ranks then hit the cache).
-    tokenizer = instantiate(cfg.tokenizer)
     datamodule = instantiate(cfg.data, tokenizer=tokenizer)
     if int(os.environ.get("LOCAL_RANK", 0)) == 0:
         datamodule.prepare_data()
@@ -92,7 +131,7 @@ def build(cfg: DictConfig, run_dir: Path, multirun: bool) -> Parts | None:
         flops_per_token=flops_per_token(net.cfg, cfg.data.seq_len),
         extra_checkpoint={"config": OmegaConf.to_container(cfg, resolve=True)},
     )
-    return Parts(run, module, datamodule, max_steps)
+    return Parts(run, module, datamodule, max_steps, resume_from, start_step)
 
 
 def train(cfg: DictConfig, run_dir: Path, multirun: bool = False, overrides: list[str] | None = None) -> dict:
@@ -100,11 +139,12 @@ def train(cfg: DictConfig, run_dir: Path, multirun: bool = False, overrides: lis
         parts = build(cfg, run_dir, multirun)
     if parts is None:
         return read_results(run_dir)
-    run, module, datamodule, max_steps = parts
+    run, module, datamodule, max_steps, resume_from, start_step = parts
     weight_quant, activation_quant = quantizer_configs(cfg)
 
-    # 6. Trainer: checkpoints every N steps plus last, written atomically; telemetry; record.
+    # 6. Trainer: checkpoints every N steps plus last, written atomically; telemetry; faults; record.
     every = run.checkpoint.every_n_steps
+    final = run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
     trainer = instantiate(
         cfg.trainer,
         max_steps=max_steps,
@@ -121,6 +161,8 @@ def train(cfg: DictConfig, run_dir: Path, multirun: bool = False, overrides: lis
                 save_last=True,
             ),
             QuantTelemetry(run.telemetry_every),
+            DivergenceGuard(),
+            SignalCheckpoint(str(final)),
         ],
     )
     net = module.net
@@ -128,31 +170,41 @@ def train(cfg: DictConfig, run_dir: Path, multirun: bool = False, overrides: lis
     record.update(non_embedding_params=net.num_params(non_embedding=True), total_params=net.num_params(non_embedding=False), max_steps=max_steps)
     trainer.callbacks.append(StepRecorder(record, tokens_per_step(cfg), every))
 
-    # 7. Fit (resuming from last.ckpt of this run directory), then a final validation.
-    ckpt = last_checkpoint(run_dir) if run.resume else None
-    start_step = checkpoint_step(ckpt) if ckpt else 0
-    if ckpt and trainer.is_global_zero:
-        print(f"resumed from step {start_step} ({ckpt})")
+    # 7. Fit (resuming from the newest valid checkpoint of this run directory), then a final
+    #    validation of the final weights (named explicitly: Lightning would otherwise pick up
+    #    a SLURM requeue checkpoint).
+    if trainer.is_global_zero:
+        print(f"run directory {run_dir}" + (f"; resumed from step {start_step} ({resume_from})" if resume_from else ""))
+    if resume_from:
+        record.resumed_from(start_step)
     record.write("running")
+    started = time.perf_counter()
     try:
-        started = time.perf_counter()
-        trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
-        train_time = time.perf_counter() - started
-        final = run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None, weights_only=True)
+        record.add_train_time(time.perf_counter() - started)
         trainer.save_checkpoint(final, weights_only=False)  # full state, so a longer re-run resumes
-        metrics = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+        metrics = trainer.validate(module, datamodule=datamodule, ckpt_path=str(final), verbose=False, weights_only=True)[0]
+    except Diverged as err:
+        record.update(step=err.step, diverged_at_step=err.step)
+        record.write("diverged")
+        raise
+    except Interrupted as err:
+        record.add_train_time(time.perf_counter() - started)
+        record.update(step=err.step, tokens=err.step * tokens_per_step(cfg))
+        record.write("interrupted")
+        raise
     except BaseException:
         record.write("failed")
         raise
 
     # 8. Results.
-    trained_tokens = (trainer.global_step - start_step) * tokens_per_step(cfg)
+    train_time = record.data["train_time_s"]
     record.update(
         val_loss=float(metrics["val/loss"]),
         val_ppl=float(metrics["val/ppl"]),
         step=trainer.global_step,
         tokens=trainer.global_step * tokens_per_step(cfg),
-        tokens_per_s=trained_tokens / train_time if trained_tokens else None,
+        tokens_per_s=trainer.global_step * tokens_per_step(cfg) / train_time if train_time > 0 else None,
         loss_floor=datamodule.loss_floor,
         unigram_loss=datamodule.unigram_loss,
         checkpoint=str(final),
@@ -183,6 +235,10 @@ def main(cfg: DictConfig) -> dict | None:
         return train(cfg, run_dir, multirun=hydra_cfg.mode == RunMode.MULTIRUN, overrides=list(hydra_cfg.overrides.task))
     except ConfigError as err:
         fail(str(err))
+    except Diverged as err:
+        fail(str(err), code=EXIT_DIVERGED)
+    except Interrupted as err:
+        fail(str(err), code=128 + err.signum)
 
 
 if __name__ == "__main__":

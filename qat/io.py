@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -34,8 +35,20 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
     return path
 
 
+def finite_or_null(value: Any) -> Any:
+    """The same structure with NaN and +-inf replaced by None: strict JSON has no NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(v) for v in value]
+    return value
+
+
 def atomic_write_json(path: str | Path, data: Any) -> Path:
-    text = json.dumps(data, indent=2, sort_keys=True, default=str) + "\n"
+    """Strict JSON (non-finite numbers become null), written atomically."""
+    text = json.dumps(finite_or_null(data), indent=2, sort_keys=True, default=str, allow_nan=False) + "\n"
     return atomic_write(path, lambda f: f.write(text.encode()))
 
 

@@ -37,7 +37,7 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu") -> Loaded
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"checkpoint {str(path)!r} does not exist")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = read_checkpoint(path)
     if "config" not in ckpt or "quantization" not in ckpt:
         raise ValueError(f"checkpoint {str(path)!r} was not written by train.py (no config/quantization entries)")
     cfg = ckpt["config"]
@@ -59,10 +59,64 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_write(path, lambda f: torch.save(checkpoint, f))
 
 
-def last_checkpoint(run_dir: Path) -> Path | None:
-    path = run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
-    return path if path.is_file() else None
+def candidate_checkpoints(run_dir: Path) -> list[Path]:
+    """Every checkpoint a run may resume from: last.ckpt, the step checkpoints, and
+    Lightning's SLURM requeue checkpoints (hpc_ckpt_<n>.ckpt, written in the run dir)."""
+    folder = run_dir / CHECKPOINT_DIR
+    found = [p for p in folder.glob("*.ckpt") if p.is_file()] if folder.is_dir() else []
+    return found + [p for p in run_dir.glob("hpc_ckpt_*.ckpt") if p.is_file()]
 
 
-def checkpoint_step(path: Path) -> int:
-    return int(torch.load(path, map_location="cpu", weights_only=True)["global_step"])
+def remove_stale_temp_files(run_dir: Path) -> list[Path]:
+    """Temp files of writes that a killed job never finished (atomic_write's .<name>.*.tmp)."""
+    stale = [p for folder in (run_dir, run_dir / CHECKPOINT_DIR) if folder.is_dir() for p in folder.glob(".*.tmp")]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """torch.load(weights_only=True), with any failure as one ValueError naming the file."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated, random bytes, text, pickles of code: all unreadable here
+        raise ValueError(f"checkpoint {str(path)!r} is unreadable ({type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else 'no detail'})") from None
+    if not isinstance(ckpt, dict) or "global_step" not in ckpt:
+        raise ValueError(f"checkpoint {str(path)!r} is not a Lightning checkpoint (no global_step)")
+    return ckpt
+
+
+def newest_checkpoint(run_dir: Path, warn: Any = print) -> tuple[Path, dict[str, Any]] | None:
+    """The loadable checkpoint with the highest step (newest file on a tie); a corrupt one is
+    reported in one line and skipped, so a run falls back to the one before it."""
+    ranked = []
+    for path in candidate_checkpoints(run_dir):
+        try:
+            ckpt = read_checkpoint(path)
+        except ValueError as err:
+            warn(f"warning: {err}; skipping it")
+            continue
+        ranked.append((int(ckpt["global_step"]), path.stat().st_mtime, path, ckpt))
+    if not ranked:
+        return None
+    _, _, path, ckpt = max(ranked, key=lambda r: (r[0], r[1]))
+    return path, ckpt
+
+
+# The parts of a run config that decide what the weights mean; resuming across a change
+# in any of them would silently train a different model.
+IDENTITY_SECTIONS = ("model", "quant", "tokenizer", "data")
+NOT_IDENTITY = ("data.cache_dir", "data.num_workers", "data.val_batches")  # where, how fast, how much validation
+
+
+def _flatten(value: Any, prefix: str) -> dict[str, Any]:
+    if isinstance(value, dict):
+        return {k: v for key, sub in value.items() for k, v in _flatten(sub, f"{prefix}.{key}").items()}
+    return {prefix: value}
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Keys under IDENTITY_SECTIONS whose values differ between two resolved run configs."""
+    a = {k: v for s in IDENTITY_SECTIONS for k, v in _flatten(saved.get(s), s).items()}
+    b = {k: v for s in IDENTITY_SECTIONS for k, v in _flatten(current.get(s), s).items()}
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and k not in NOT_IDENTITY)

@@ -61,12 +61,20 @@ def check_quantizable(net: nn.Module, weight: QuantizerConfig, activation: Quant
                 raise ValueError(f"quant.{side} on layer {name} (input dim {dim}): {err}") from None
 
 
-def build_net(cfg: DictConfig | Mapping[str, Any], vocab_size: int) -> nn.Module:
+def build_net(cfg: DictConfig | Mapping[str, Any], vocab_size: int, device: str | torch.device = "cpu") -> nn.Module:
     """The model a run trains: `cfg.model` built plain, initialised, then every block linear
-    swapped for a QuantLinear with `cfg.quant`'s weight and activation configs."""
+    swapped for a QuantLinear with `cfg.quant`'s weight and activation configs.
+
+    device="meta" builds the same structure with no memory and no init: a free check of
+    every layer's dims against the quantizers before any data is read."""
     cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(dict(cfg))
     model = OmegaConf.to_container(cfg.model, resolve=True)
-    net = build_plain_net(net_config(model, vocab_size, cfg.data.seq_len))
+    net_cfg = net_config(model, vocab_size, cfg.data.seq_len)
+    if str(device) == "meta":
+        with torch.device("meta"):
+            net = Llama(net_cfg)
+    else:
+        net = build_plain_net(net_cfg)
     weight, activation = (QuantizerConfig.from_mapping(OmegaConf.to_container(cfg.quant[s], resolve=True)) for s in ("weight", "activation"))
     quantize_model(net, weight, activation)
     check_quantizable(net, weight, activation)

@@ -88,6 +88,7 @@ class CheckpointConfig:
 class RunConfig:
     """train.yaml's top-level keys, validated once (see configs/train.yaml for their meaning)."""
 
+    run_name: str | None = None
     seed: int = 0
     compile: bool = False
     telemetry_every: int = 50
@@ -98,6 +99,8 @@ class RunConfig:
     checkpoint: CheckpointConfig = CheckpointConfig()
 
     def __post_init__(self) -> None:
+        if self.run_name is not None and (not isinstance(self.run_name, str) or not self.run_name or "/" in self.run_name):
+            raise ConfigError(f"run_name={self.run_name!r} must be a non-empty name without '/' (or null)")
         _check_int("seed", self.seed, 0)
         _check_int("telemetry_every", self.telemetry_every, 0)
         for key in ("compile", "resume", "skip_completed"):
@@ -110,8 +113,9 @@ class RunConfig:
     @classmethod
     def from_cfg(cls, cfg: DictConfig) -> RunConfig:
         """The schema's fields from the composed config (the groups are checked elsewhere)."""
-        fields = {k: OmegaConf.select(cfg, k) for k in ("seed", "compile", "telemetry_every", "max_tokens", "tokens_per_param", "resume", "skip_completed")}
-        fields = {k: v for k, v in fields.items() if v is not None or k in ("max_tokens", "tokens_per_param")}
+        keys = ("run_name", "seed", "compile", "telemetry_every", "max_tokens", "tokens_per_param", "resume", "skip_completed")
+        fields = {k: OmegaConf.select(cfg, k) for k in keys}
+        fields = {k: v for k, v in fields.items() if v is not None or k in ("run_name", "max_tokens", "tokens_per_param")}
         checkpoint = OmegaConf.to_container(cfg.checkpoint, resolve=True) if "checkpoint" in cfg else {}
         unknown = sorted(set(checkpoint) - {"every_n_steps", "keep_all"})
         if unknown:
@@ -167,3 +171,59 @@ def check_launch(cfg: DictConfig, multirun: bool) -> None:
             "trainer=ddp/fsdp inside a Hydra multirun must be launched by torchrun or srun "
             "(e.g. hydra/launcher=slurm); a plain multirun would re-launch the sweep in every rank"
         )
+
+
+# Top-level keys a composed config may have: the config groups, the schema's own keys, Hydra's.
+CONFIG_GROUPS = ("model", "quant", "data", "tokenizer", "trainer", "logger", "optimizer", "scheduler", "experiment", "sweep")
+SCHEMA_KEYS = ("run_name", "seed", "compile", "telemetry_every", "max_tokens", "tokens_per_param", "resume", "skip_completed", "checkpoint")
+
+
+def check_known_keys(cfg: DictConfig) -> None:
+    """An unknown top-level key (`+foo=1`, a typo) would be silently ignored: refuse it."""
+    allowed = set(CONFIG_GROUPS) | set(SCHEMA_KEYS) | {"hydra"}
+    unknown = sorted(set(cfg.keys()) - allowed)
+    if unknown:
+        raise ConfigError(f"unknown config key {unknown[0]!r}; allowed top-level keys: {', '.join(sorted(allowed - {'hydra'}))}")
+
+
+def _positive_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def check_optimizer_and_trainer(cfg: DictConfig) -> None:
+    """Numbers that Lightning and torch would accept and then misbehave on (lr 0 trains nothing)."""
+    lr = OmegaConf.select(cfg, "optimizer.lr")
+    if lr is not None and not _positive_number(lr):
+        raise ConfigError(f"optimizer.lr={lr!r} must be a number > 0 (or null: the model size's peak LR)")
+    decay = OmegaConf.select(cfg, "optimizer.weight_decay", default=0.0)
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not math.isfinite(decay) or decay < 0:
+        raise ConfigError(f"optimizer.weight_decay={decay!r} must be a number >= 0")
+    clip = OmegaConf.select(cfg, "trainer.gradient_clip_val")
+    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not math.isfinite(clip) or clip < 0):
+        raise ConfigError(f"trainer.gradient_clip_val={clip!r} must be a number >= 0 or null")
+
+
+def check_scheduler(cfg: DictConfig) -> None:
+    from qat.train.schedules import check_schedule_args
+
+    args = {k: v for k, v in OmegaConf.to_container(cfg.scheduler, resolve=True).items() if not k.startswith("_")}
+    check_schedule_args(args.pop("name", "cosine"), args)
+
+
+def world_size(cfg: DictConfig) -> int:
+    """Processes the run will have: the launcher's WORLD_SIZE, else devices x nodes for a
+    multi-process strategy, else 1."""
+    if "WORLD_SIZE" in os.environ:
+        return int(os.environ["WORLD_SIZE"])
+    strategy = cfg.trainer.get("strategy")
+    name = strategy if isinstance(strategy, str) else str(OmegaConf.select(cfg, "trainer.strategy._target_", default=""))
+    devices, nodes = cfg.trainer.get("devices", 1), cfg.trainer.get("num_nodes", 1)
+    if ("ddp" in name.lower() or "fsdp" in name.lower()) and _is_int(devices) and _is_int(nodes):
+        return devices * nodes
+    return 1
+
+
+def check_world_divides_batch(cfg: DictConfig) -> None:
+    world = world_size(cfg)
+    if cfg.data.batch_size % world:
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} must be a multiple of the world size {world} (the global micro-batch is split over ranks)")

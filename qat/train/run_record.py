@@ -1,4 +1,10 @@
-"""The run record: results.json, kept current during a run and written atomically."""
+"""The run record: results.json, kept current during a run and written atomically.
+
+Status: running -> completed | failed | diverged | interrupted. A re-run that fails never
+destroys a finished result: the completed record it started from is written back. Times
+add up over the segments of a resumed run (wall_time_s, train_time_s), and tokens_per_s is
+over all of them. The file is strict JSON: a non-finite number is written as null.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ from qat.quant.config import QuantizerConfig
 from qat.scaling.precision import precision_key, storage_bits
 
 RESULTS_FILE = "results.json"
+FAILED_STATUSES = ("failed", "diverged", "interrupted")
 
 
 def read_results(run_dir: Path) -> dict[str, Any] | None:
@@ -39,6 +46,8 @@ class RunRecord:
         self.path = run_dir / RESULTS_FILE
         self.rank = rank
         self.start = time.time()
+        self.previous = read_results(run_dir)  # a completed record is restored if this run fails
+        self.earlier_wall_time = 0.0  # set by `resumed_from` for a run continuing earlier segments
         self.data: dict[str, Any] = {
             "status": "running",
             "model": cfg.model.size,
@@ -53,15 +62,31 @@ class RunRecord:
             "quantization": {"weight": weight.to_dict(), "activation": activation.to_dict()},
         }
 
+    def resumed_from(self, step: int) -> None:
+        """This run continues earlier segments: count their wall and training time."""
+        prev = self.previous or {}
+        self.earlier_wall_time = float(prev.get("wall_time_s") or 0.0)
+        self.data["train_time_s"] = float(prev.get("train_time_s") or 0.0)
+        self.data["resumed_from_step"] = step
+
+    def add_train_time(self, seconds: float) -> None:
+        self.data["train_time_s"] = self.data.get("train_time_s", 0.0) + seconds
+
     def update(self, **values: Any) -> None:
         self.data.update(values)
 
     def write(self, status: str | None = None) -> None:
         if status:
             self.data["status"] = status
-        self.data["wall_time_s"] = round(time.time() - self.start, 3)
-        if self.rank == 0:
-            atomic_write_json(self.path, self.data)
+        self.data["wall_time_s"] = round(self.earlier_wall_time + time.time() - self.start, 3)
+        if self.rank != 0:
+            return
+        failed = self.data["status"] in FAILED_STATUSES
+        if failed and self.previous is not None and self.previous.get("status") == "completed":
+            print(f"{self.path} keeps its completed result; this run ended {self.data['status']}", file=sys.stderr)
+            atomic_write_json(self.path, self.previous)
+            return
+        atomic_write_json(self.path, self.data)
 
 
 class StepRecorder(Callback):
@@ -76,7 +101,11 @@ class StepRecorder(Callback):
             self.record.write()
 
 
-def fail(message: str) -> None:
-    """One line on stderr, exit code 2 (bad input), nothing trained."""
+EXIT_BAD_INPUT = 2  # nothing trained
+EXIT_DIVERGED = 3  # trained until the loss or gradient went non-finite
+
+
+def fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
+    """One line on stderr, then exit with `code` (2: bad input, 3: diverged, 128+N: signal N)."""
     print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2)
+    raise SystemExit(code)

@@ -24,7 +24,9 @@ def cosine_with_warmup(step: int, total_steps: int, warmup_fraction: float = 0.1
     last step (total - 1)."""
     peak = warmup_fraction * total_steps - 1
     if step <= peak:
-        return _cosine_ramp(step / peak, 1.0 / initial_div, 1.0)
+        # A warm-up ending at step 0 (warmup_fraction * total == 1) has no length: step 0 is
+        # its end, the peak (OneCycleLR divides by zero there).
+        return _cosine_ramp(step / peak, 1.0 / initial_div, 1.0) if peak > 0 else 1.0
     return _cosine_ramp((step - peak) / max(total_steps - 1 - peak, 1e-9), 1.0, 1.0 / final_div)
 
 
@@ -53,11 +55,29 @@ SCHEDULES: dict[str, Callable[..., float]] = {
 }
 
 
-def lr_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, name: str = "cosine", **kwargs: float) -> torch.optim.lr_scheduler.LambdaLR:
-    """LambdaLR stepping once per optimizer step with SCHEDULES[name]."""
+# Each schedule argument and the range it must lie in (fractions of the run, divisors > 0).
+_UNIT = (0.0, 1.0)
+_RANGES = {"warmup_fraction": _UNIT, "decay_fraction": _UNIT, "final_scale": _UNIT, "initial_div": (0.0, math.inf), "final_div": (0.0, math.inf)}
+
+
+def check_schedule_args(name: str, kwargs: dict[str, float]) -> None:
+    """One-line errors for a schedule name or argument out of range (before any training)."""
     if name not in SCHEDULES:
         raise ValueError(f"scheduler.name={name!r} is not allowed; choose one of {', '.join(SCHEDULES)}")
-    if total_steps < 1:
+    for key, value in kwargs.items():
+        low, high = _RANGES.get(key, (-math.inf, math.inf))
+        number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if not number or not (low <= value <= high) or (low == 0.0 and high == math.inf and value <= 0):
+            allowed = "a number > 0" if high == math.inf else f"a number in [{low:g}, {high:g}]"
+            raise ValueError(f"scheduler.{key}={value!r} is not allowed; use {allowed}")
+    if kwargs.get("warmup_fraction", 0.0) + kwargs.get("decay_fraction", 0.0) > 1.0:
+        raise ValueError(f"scheduler.warmup_fraction + decay_fraction = {kwargs['warmup_fraction'] + kwargs['decay_fraction']:g} must be <= 1")
+
+
+def lr_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, name: str = "cosine", **kwargs: float) -> torch.optim.lr_scheduler.LambdaLR:
+    """LambdaLR stepping once per optimizer step with SCHEDULES[name]."""
+    check_schedule_args(name, kwargs)
+    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
         raise ValueError(f"total_steps={total_steps} must be >= 1 (set trainer.max_steps)")
     fn = functools.partial(SCHEDULES[name], total_steps=total_steps, **kwargs)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: fn(step))
