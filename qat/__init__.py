@@ -28,6 +28,8 @@ _EXPORTS = {
     "hadamard_transform": "qat.quant.hadamard",
     "QuantLinear": "qat.quant.linear",
     "Quantizer": "qat.quant.quantizer",
+    "export_packed": "qat.packed.export",
+    "load_packed": "qat.packed.load",
 }
 __all__ = sorted(_EXPORTS)
 
@@ -49,4 +51,6 @@ if TYPE_CHECKING:
     from qat.quant.grids import Grid, default_trust, make_grid, optimal_gaussian_scale, round_to_grid
     from qat.quant.hadamard import hadamard_matrix, hadamard_transform
     from qat.quant.linear import QuantLinear
+    from qat.packed.export import export_packed
+    from qat.packed.load import load_packed
     from qat.quant.quantizer import Quantizer, fake_quantize

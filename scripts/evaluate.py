@@ -27,6 +27,7 @@ from omegaconf import OmegaConf
 from qat.inference.evaluation import loss_over, multiple_choice_accuracy
 from qat.inference.loading import load_model
 from qat.io import atomic_write_json
+from qat.train.run_config import config_errors
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -57,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         model = load_model(args.ckpt, args.model, args.device)
         metrics: dict = {"model": model.source, "step": model.step}
         if not args.no_loss:
-            dm = instantiate(data_config(model.config, args.overrides), tokenizer=model.tokenizer)
+            with config_errors():  # a bad data override: one line, as in train.py
+                dm = instantiate(data_config(model.config, args.overrides), tokenizer=model.tokenizer)
             dm.prepare_data()
             dm.setup("validate")
             started = time.perf_counter()

@@ -13,6 +13,7 @@ strings. Sources do no tokenization. The built-in grammar corpus
 """
 from __future__ import annotations
 
+import codecs
 import hashlib
 import os
 from typing import Any, Iterator, Protocol, Sequence
@@ -62,6 +63,24 @@ def _list_files(paths: Sequence[str]) -> list[str]:
     return files
 
 
+def check_utf8(path: str, chunk_bytes: int = 1 << 20) -> None:
+    """A one-line error naming the file and byte offset of the first byte that is not UTF-8
+    (text and JSON files; the datasets library would fail deep inside with no file named)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as err:
+                raise ValueError(f"data file {path!r} is not UTF-8: byte 0x{chunk[err.start]:02x} at offset {offset + err.start}; re-encode it as UTF-8") from None
+            offset += len(chunk)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise ValueError(f"data file {path!r} is not UTF-8: it ends inside a multi-byte character (offset {offset})") from None
+
+
 class LocalSource:
     """Documents from local files (one per line for text files, one per record for JSON lines / parquet).
 
@@ -92,6 +111,10 @@ class LocalSource:
             format = builders.pop()
         if format not in ("text", "json", "parquet"):
             raise ValueError(f"data.source.format={format!r} must be one of text, json, parquet")
+        if format != "parquet":
+            for file in self.files:
+                if _builder_for(file) is not None and not file.endswith(_COMPRESSION):
+                    check_utf8(file)
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"data.source.val_fraction={val_fraction} must be in (0, 1)")
         self.format = format

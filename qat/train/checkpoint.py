@@ -80,7 +80,7 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated, random bytes, text, pickles of code: all unreadable here
-        raise ValueError(f"checkpoint {str(path)!r} is unreadable ({type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else 'no detail'})") from None
+        raise ValueError(f"checkpoint {str(path)!r} is unreadable: truncated, corrupt or not a torch checkpoint ({type(err).__name__})") from None
     if not isinstance(ckpt, dict) or "global_step" not in ckpt:
         raise ValueError(f"checkpoint {str(path)!r} is not a Lightning checkpoint (no global_step)")
     return ckpt
