@@ -30,7 +30,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from models import MODEL_SIZES, flops_per_token
+from models import flops_per_token
 from qat.train.checkpoint import (
     CHECKPOINT_DIR,
     LAST_CHECKPOINT,
@@ -40,7 +40,7 @@ from qat.train.checkpoint import (
     remove_stale_temp_files,
 )
 from qat.train.faults import Diverged, DivergenceGuard, Interrupted, SignalCheckpoint
-from qat.train.lifecycle import build_net
+from qat.train.lifecycle import build_net, check_model, peak_lr
 from qat.train.lit_module import QATModule
 from qat.train.run_config import (
     ConfigError,
@@ -99,8 +99,7 @@ def build(cfg: DictConfig, run_dir: Path, multirun: bool) -> Parts | None:
     check_optimizer_and_trainer(cfg)
     check_scheduler(cfg)
     check_launch(cfg, multirun)
-    if cfg.model.size not in MODEL_SIZES:
-        raise ConfigError(f"model.size={cfg.model.size!r} is not allowed; choose one of {', '.join(MODEL_SIZES)}")
+    check_model(cfg)  # a size-table row, or model=hf: a checkpoint directory we can load
     tokenizer = instantiate(cfg.tokenizer)
     build_net(cfg, tokenizer.vocab_size, device="meta")  # every layer's dims vs the quantizers, free
     if run.skip_completed and is_completed(run_dir):
@@ -123,7 +122,7 @@ def build(cfg: DictConfig, run_dir: Path, multirun: bool) -> Parts | None:
         net.compile()
 
     # 5. The module receives its parts; the optimizer partial carries lr and weight decay.
-    lr = cfg.optimizer.lr if cfg.optimizer.lr is not None else MODEL_SIZES[cfg.model.size].peak_lr
+    lr = cfg.optimizer.lr if cfg.optimizer.lr is not None else peak_lr(cfg.model)
     module = QATModule(
         net,
         optimizer=instantiate(cfg.optimizer, lr=lr),

@@ -8,7 +8,7 @@ project relies on them):
     embed                      nn.Embedding
     layers.{i}.attn_norm       RMSNorm
     layers.{i}.attn.qkv        nn.Linear  d -> (n_head + 2*n_kv_head) * head_dim
-    layers.{i}.attn.proj       nn.Linear  d -> d
+    layers.{i}.attn.proj       nn.Linear  n_head * head_dim -> d
     layers.{i}.mlp_norm        RMSNorm
     layers.{i}.mlp.gate        nn.Linear  d -> hidden
     layers.{i}.mlp.up          nn.Linear  d -> hidden
@@ -34,6 +34,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.kv_cache import KVCache
+from models.rope import RopeScaling, apply_rope, rope_table
+
+__all__ = ["Llama", "LlamaConfig", "RopeScaling", "apply_rope", "flops_per_token", "rope_table"]
 
 
 def _is_positive_int(value: object) -> bool:
@@ -58,6 +61,8 @@ class LlamaConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     init_std: float = 0.02
+    head_size: int | None = None  # None = d_model // n_head; imported checkpoints may differ
+    rope_scaling: RopeScaling | None = None  # Llama 3.1's frequency scaling; a dict is converted
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "n_layer", "d_model", "n_head", "multiple_of", "max_seq_len"):
@@ -72,16 +77,20 @@ class LlamaConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r}: must be a positive number")
         if not isinstance(self.tie_embeddings, bool):
             raise ValueError(f"tie_embeddings={self.tie_embeddings!r}: must be True or False")
-        if self.d_model % self.n_head != 0:
+        if self.head_size is not None and not _is_positive_int(self.head_size):
+            raise ValueError(f"head_size={self.head_size!r}: must be a positive int or None")
+        if self.head_size is None and self.d_model % self.n_head != 0:
             raise ValueError(
                 f"d_model={self.d_model} is not divisible by n_head={self.n_head}: "
-                "d_model must be a multiple of n_head"
+                "d_model must be a multiple of n_head (or set head_size)"
             )
         if self.head_dim % 2 != 0:
+            where = f"head_size={self.head_size}" if self.head_size is not None else f"d_model / n_head = {self.head_dim}"
             raise ValueError(
-                f"d_model / n_head = {self.head_dim} is odd: RoPE rotates pairs of dims, "
-                "so d_model must be an even multiple of n_head"
+                f"{where} is odd: RoPE rotates pairs of dims, "
+                "so the head dim (d_model / n_head unless head_size is set) must be even"
             )
+        self.rope_scaling = RopeScaling.from_mapping(self.rope_scaling)
         if self.n_head % self.kv_heads != 0:
             raise ValueError(
                 f"n_kv_head={self.n_kv_head} does not divide n_head={self.n_head}: "
@@ -90,7 +99,8 @@ class LlamaConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_head
+        """`head_size` resolved: the width of one attention head."""
+        return self.d_model // self.n_head if self.head_size is None else self.head_size
 
     @property
     def kv_heads(self) -> int:
@@ -118,33 +128,6 @@ class RMSNorm(nn.Module):
         work = x.to(torch.promote_types(x.dtype, torch.float32))  # fp64 stays fp64
         normed = work * torch.rsqrt(work.pow(2).mean(dim=-1, keepdim=True) + self.eps)
         return (normed * self.weight.to(work.dtype)).to(x.dtype)
-
-
-def rope_table(seq_len: int, head_dim: int, theta: float, device: torch.device) -> torch.Tensor:
-    """cos/sin of the rotation angles: [seq_len, head_dim/2, 2] (last dim = (cos, sin)), fp32.
-
-    Pair i of a head (dims 2i, 2i+1) turns by angle t * theta^(-2i/head_dim) at position t.
-    Angles are formed in float64 on the CPU and only then cast: at t ~ 2000 an fp32
-    angle is off by ~1e-4 rad. The table is tiny and built once per length and device.
-    """
-    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-    angles = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv_freq)  # [T, hd/2]
-    table = torch.stack((angles.cos(), angles.sin()), dim=-1)  # [T, hd/2, 2]
-    return table.to(device=device, dtype=torch.float32)
-
-
-def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x[2i], x[2i+1]) of x: [B, T, H, hd] by table: [T, hd/2, 2].
-
-    Equivalent to multiplying the complex number x[2i] + j*x[2i+1] by exp(j * angle).
-    Done in fp32 (fp64 for fp64 inputs) and cast back to x's dtype.
-    """
-    pairs = x.to(torch.promote_types(x.dtype, torch.float32)).unflatten(-1, (-1, 2))  # [B, T, H, hd/2, 2]
-    x0, x1 = pairs[..., 0], pairs[..., 1]  # [B, T, H, hd/2]
-    cos = table[:, None, :, 0]  # [T, 1, hd/2], broadcasts over batch and heads
-    sin = table[:, None, :, 1]
-    rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
-    return rotated.flatten(-2).to(x.dtype)  # [B, T, H, hd]
 
 
 class Attention(nn.Module):
@@ -282,7 +265,7 @@ class Llama(nn.Module):
         shapes/devices only, so torch.compile turns them into guards."""
         cache = self.rope_cache
         if cache.size(0) < seq_len or cache.device != device or cache.dtype != torch.float32:
-            cache = rope_table(seq_len, self.cfg.head_dim, self.cfg.rope_theta, device)
+            cache = rope_table(seq_len, self.cfg.head_dim, self.cfg.rope_theta, device, self.cfg.rope_scaling)
             self.rope_cache = cache
         return cache[:seq_len]
 
@@ -360,23 +343,24 @@ class Llama(nn.Module):
 def flops_per_token(cfg: LlamaConfig, seq_len: int) -> float:
     """Analytic TRAINING FLOPs per token (forward + backward), for MFU.
 
-        forward = 2 * P_matmul + 2 * n_layer * d_model * (seq_len + 1)
+        forward = 2 * P_matmul + 2 * n_layer * a * (seq_len + 1),  a = n_head * head_dim
         train   = 3 * forward            (backward = 2x forward: grads w.r.t. inputs and weights)
 
-    P_matmul counts every weight used in a matmul, lm_head included (also when tied to the
-    embedding; the embedding lookup itself is free):
-        n_layer * (d * (n_head + 2*n_kv_head) * head_dim + d*d + 3 * d * hidden) + d * vocab.
-    Attention: q.k^T and attn.v each cost 2 * d_model FLOPs per (query, key) pair and layer.
+    a is the attention width (= d_model unless head_size is set). P_matmul counts every
+    weight used in a matmul, lm_head included (also when tied to the embedding; the
+    embedding lookup itself is free):
+        n_layer * (d * (n_head + 2*n_kv_head) * head_dim + a*d + 3 * d * hidden) + d * vocab.
+    Attention: q.k^T and attn.v each cost 2 * a FLOPs per (query, key) pair and layer.
     We count only the pairs a causal mask keeps, i.e. on average (seq_len + 1) / 2 keys per
     query, because causal SDPA kernels (flash / memory-efficient) skip the masked half:
-        2 (matmuls) * 2 * d_model * (seq_len + 1) / 2 = 2 * d_model * (seq_len + 1) per layer.
+        2 (matmuls) * 2 * a * (seq_len + 1) / 2 = 2 * a * (seq_len + 1) per layer.
     (nanoGPT/PaLM count all seq_len keys, which gives ~2x this attention term.)
     Norms, RoPE, softmax and the SwiGLU product are elementwise and left out.
     """
     if not _is_positive_int(seq_len):
         raise ValueError(f"seq_len={seq_len!r}: must be a positive int")
-    d, hidden = cfg.d_model, cfg.ffn_dim
-    per_layer = d * (cfg.n_head + 2 * cfg.kv_heads) * cfg.head_dim + d * d + 3 * d * hidden
+    d, hidden, a = cfg.d_model, cfg.ffn_dim, cfg.n_head * cfg.head_dim
+    per_layer = d * (cfg.n_head + 2 * cfg.kv_heads) * cfg.head_dim + a * d + 3 * d * hidden
     matmul_params = cfg.n_layer * per_layer + d * cfg.vocab_size
-    attention = 2 * cfg.n_layer * d * (seq_len + 1)
+    attention = 2 * cfg.n_layer * a * (seq_len + 1)
     return 3.0 * (2 * matmul_params + attention)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import shutil
 import tempfile
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -54,3 +57,38 @@ def atomic_write_json(path: str | Path, data: Any) -> Path:
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def check_output_dir(out: str | Path, force: bool) -> None:
+    """An output directory may be new, empty, or (with force) replaced."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a file; give a directory path")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ValueError(f"--out {str(out)!r} exists and is not empty; pass --force to replace it")
+
+
+@contextlib.contextmanager
+def atomic_directory(out: str | Path, force: bool = False) -> Iterator[Path]:
+    """Yield a temp directory beside `out` to fill; on success it becomes `out` by a rename
+    (one filesystem, so a reader sees the old directory or the new one, never a mix). With
+    force an existing `out` is removed only once the new one is complete. On failure the temp
+    directory goes and `out` is untouched."""
+    out = Path(out)
+    check_output_dir(out, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.mkdir()
+    try:
+        yield tmp
+        check_output_dir(out, force)  # again: the target may have been filled while we wrote
+        if out.is_dir() and any(out.iterdir()):
+            old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)  # replaces an empty directory, too
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -27,6 +27,7 @@ SHRINK = [
     "data.batch_size=4",
     "data.val_batches=1",
     "tokens_per_param=null",
+    "max_tokens=null",
     "compile=false",
 ]
 

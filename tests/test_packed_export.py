@@ -133,7 +133,7 @@ def test_existing_output_needs_force_and_is_replaced_only_when_complete(tmp_path
     out = tmp_path / "m"
     out.mkdir()  # an empty directory is fine without --force
     export_packed(fake, ByteTokenizer(), RUN_CONFIG, 1, out)
-    with pytest.raises(ValueError, match="exists and is not empty; pass force=True") as err:
+    with pytest.raises(ValueError, match="exists and is not empty; pass --force") as err:
         export_packed(fake, ByteTokenizer(), RUN_CONFIG, 2, out)
     assert "\n" not in str(err.value)
     # A failure while writing leaves the old export untouched and no temp directory behind.

@@ -51,17 +51,21 @@ class HFTokenizer:
     `eos_token` must be a token of the file's vocabulary; it separates documents.
     Special tokens from the file's post-processor (BOS etc.) are not added, and
     special-token text inside a document is encoded as plain text: only the
-    pipeline inserts the separator.
+    pipeline inserts the separator. `bos_token` (a pretrained model's, see
+    qat/hf/tokenizer.py) is put before every encoded text, as the model saw in training.
     """
 
-    def __init__(self, path: str, eos_token: str = "<|endoftext|>"):
+    def __init__(self, path: str, eos_token: str = "<|endoftext|>", bos_token: str | None = None):
         from tokenizers import Tokenizer as _HFTokenizer
 
         resolved = absolute_path(path)
         if not os.path.isfile(resolved):
             raise ValueError(f"tokenizer.path={path!r} does not exist (expected a tokenizers JSON file)")
         self.path = resolved
-        self._tokenizer = _HFTokenizer.from_file(resolved)
+        try:
+            self._tokenizer = _HFTokenizer.from_file(resolved)
+        except Exception as err:  # the tokenizers library raises a bare Exception for bad JSON
+            raise ValueError(f"tokenizer.path={path!r} is not a tokenizers JSON file ({str(err).splitlines()[0][:100]})") from None
         # A document that happens to contain the text "<|endoftext|>" must not produce the
         # separator id: special tokens in the text are encoded as ordinary text.
         self._tokenizer.encode_special_tokens = True
@@ -70,19 +74,28 @@ class HFTokenizer:
             raise ValueError(f"tokenizer.eos_token={eos_token!r} is not in the vocabulary of {path}")
         self.eos_token = eos_token
         self.eos_id = int(eos_id)
+        # --- begin-of-text token (pretrained Hugging Face checkpoints) ---
+        bos_id = None if bos_token is None else self._tokenizer.token_to_id(bos_token)
+        if bos_token is not None and bos_id is None:
+            raise ValueError(f"tokenizer.bos_token={bos_token!r} is not in the vocabulary of {path}")
+        self.bos_token = bos_token
+        self.bos_id = None if bos_id is None else int(bos_id)
+        self._prefix = [] if bos_id is None else [int(bos_id)]
+        # --- end begin-of-text token ---
         self.vocab_size = int(self._tokenizer.get_vocab_size(with_added_tokens=True))
         with open(resolved, "rb") as f:
             self._digest = hashlib.sha256(f.read()).hexdigest()[:16]
 
     def encode(self, text: str) -> list[int]:
-        return self._tokenizer.encode(text, add_special_tokens=False).ids
+        return self._prefix + self._tokenizer.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [e.ids for e in self._tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+        return [self._prefix + e.ids for e in self._tokenizer.encode_batch(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tokenizer.decode(list(ids), skip_special_tokens=False)
 
     def identity(self) -> str:
         # The file content, not its path, decides the tokens.
-        return f"hf:{self._digest}:eos={self.eos_token}"
+        bos = "" if self.bos_token is None else f":bos={self.bos_token}"  # unchanged key without one
+        return f"hf:{self._digest}:eos={self.eos_token}{bos}"

@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -21,7 +18,7 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from qat.io import atomic_write
+from qat.io import atomic_directory, atomic_write, check_output_dir
 from qat.packed.format import (
     CONFIG_FILE,
     FORMAT_VERSION,
@@ -138,13 +135,6 @@ def packed_config(net: nn.Module, tokenizer: Any, run_config: Mapping[str, Any],
     }
 
 
-def _check_target(out: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"out_dir {str(out)!r} is a file; give a directory path (--out)")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise ValueError(f"out_dir {str(out)!r} exists and is not empty; pass force=True (--force) to replace it")
-
-
 def _check_net(net: nn.Module, tokenizer: Any) -> None:
     from models import LlamaConfig
 
@@ -154,24 +144,12 @@ def _check_net(net: nn.Module, tokenizer: Any) -> None:
         raise ValueError(f"tokenizer vocab_size={getattr(tokenizer, 'vocab_size', None)} does not match the model's vocab_size={net.cfg.vocab_size}")
 
 
-def _publish(tmp: Path, out: Path, force: bool) -> None:
-    """Rename the finished temp directory to `out`; with force, the old one goes only now."""
-    _check_target(out, force)  # again: the target may have changed while we wrote
-    if out.is_dir() and any(out.iterdir()):
-        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)  # replaces an empty directory, too
-
-
 def export_packed(
     net: nn.Module, tokenizer: Any, run_config: Mapping[str, Any], step: int, out_dir: str | Path, force: bool = False
 ) -> Path:
     """Write `net` (a fake-quantized models.Llama) as a packed model directory; returns it."""
     out = Path(out_dir)
-    _check_target(out, force)
+    check_output_dir(out, force)
     _check_net(net, tokenizer)
     config = packed_config(net, tokenizer, run_config, step)
     try:
@@ -179,18 +157,11 @@ def export_packed(
     except (TypeError, ValueError) as err:
         raise ValueError(f"run_config is not plain JSON ({err}); pass the resolved config as a dict") from None
     tensors = packed_tensors(net)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.mkdir()  # beside `out` (one filesystem, so the final rename is atomic), mode per umask
-    try:
+    with atomic_directory(out, force) as tmp:
         atomic_write(tmp / WEIGHTS_FILE, lambda f: f.write(safetensors_bytes(tensors, metadata={"format_version": str(FORMAT_VERSION)})))
         if config["tokenizer"]["type"] == "hf":
             atomic_write(tmp / TOKENIZER_FILE, lambda f: f.write(Path(tokenizer.path).read_bytes()))
         atomic_write(tmp / CONFIG_FILE, lambda f: f.write(config_text.encode()))
-        _publish(tmp, out, force)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -200,7 +171,7 @@ def export_checkpoint(ckpt: str | Path, out_dir: str | Path, force: bool = False
     from qat.train.checkpoint import load_trained  # Lightning/Hydra only for this entry point
 
     ckpt = Path(ckpt)
-    _check_target(Path(out_dir), force)  # fail before the (slow) load
+    check_output_dir(Path(out_dir), force)  # fail before the (slow) load
     if not ckpt.is_file():
         raise ValueError(f"checkpoint {str(ckpt)!r} does not exist (expected RUN/checkpoints/last.ckpt)")
     try:

@@ -14,7 +14,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from models import Llama, LlamaConfig, llama_config
+from models import MODEL_SIZES, Llama, LlamaConfig, llama_config
+from qat.hf.load import check_checkpoint, load_hf_llama
 from qat.quant.config import QuantizerConfig
 from qat.quant.convert import quantize_model
 from qat.quant.hadamard import check_block
@@ -61,18 +62,58 @@ def check_quantizable(net: nn.Module, weight: QuantizerConfig, activation: Quant
                 raise ValueError(f"quant.{side} on layer {name} (input dim {dim}): {err}") from None
 
 
+# --- Hugging Face checkpoints (model=hf): architecture and weights from model.path -------------
+HF_MODEL = "hf"
+HF_MODEL_KEYS = ("size", "path", "peak_lr")
+
+
+def is_hf_model(model: Mapping[str, Any]) -> bool:
+    """`model=hf`: a local Hugging Face Llama directory instead of a size-table row."""
+    return model.get("size") == HF_MODEL
+
+
+def check_model(cfg: DictConfig) -> None:
+    """model.size is a size-table row, or model=hf names a checkpoint we can load (files,
+    config and tensor headers only: no weights are read). One line for anything else."""
+    model = cfg.model
+    if not is_hf_model(model):
+        if model.size not in MODEL_SIZES:
+            raise ValueError(f"model.size={model.size!r} is not allowed; choose one of {', '.join(MODEL_SIZES)}")
+        return
+    unknown = sorted(set(model) - set(HF_MODEL_KEYS))
+    if unknown:
+        raise ValueError(f"model.{unknown[0]} is not a key of model=hf (config.json fixes the architecture); allowed: {', '.join(HF_MODEL_KEYS)}")
+    check_checkpoint(model.path, seq_len=cfg.data.seq_len)
+
+
+def peak_lr(model: Mapping[str, Any]) -> float:
+    """The LR when optimizer.lr is null: the size table's, or model=hf's own `peak_lr`."""
+    return float(model["peak_lr"]) if is_hf_model(model) else MODEL_SIZES[model["size"]].peak_lr
+
+
+def model_config(model: Mapping[str, Any], vocab_size: int, max_seq_len: int) -> LlamaConfig:
+    """`net_config`, or for model=hf the checkpoint's (its config.json and headers only)."""
+    if is_hf_model(model):
+        return check_checkpoint(model["path"], vocab_size=vocab_size)[0]
+    return net_config(model, vocab_size, max_seq_len)
+# --- end Hugging Face checkpoints ----------------------------------------------------------------
+
+
 def build_net(cfg: DictConfig | Mapping[str, Any], vocab_size: int, device: str | torch.device = "cpu") -> nn.Module:
-    """The model a run trains: `cfg.model` built plain, initialised, then every block linear
-    swapped for a QuantLinear with `cfg.quant`'s weight and activation configs.
+    """The model a run trains: `cfg.model` built plain, initialised (model=hf: the checkpoint's
+    weights), then every block linear swapped for a QuantLinear with `cfg.quant`'s weight and
+    activation configs.
 
     device="meta" builds the same structure with no memory and no init: a free check of
     every layer's dims against the quantizers before any data is read."""
     cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(dict(cfg))
     model = OmegaConf.to_container(cfg.model, resolve=True)
-    net_cfg = net_config(model, vocab_size, cfg.data.seq_len)
+    net_cfg = model_config(model, vocab_size, cfg.data.seq_len)
     if str(device) == "meta":
         with torch.device("meta"):
             net = Llama(net_cfg)
+    elif is_hf_model(model):
+        net = load_hf_llama(model["path"], vocab_size=vocab_size)  # pretrained: no random init
     else:
         net = build_plain_net(net_cfg)
     weight, activation = (QuantizerConfig.from_mapping(OmegaConf.to_container(cfg.quant[s], resolve=True)) for s in ("weight", "activation"))
