@@ -168,3 +168,20 @@ def test_generate_and_evaluate_scripts(default_run, tmp_path):
     r = json.loads((run_dir / "results.json").read_text())
     assert abs(metrics["val"]["loss"] - r["val_loss"]) < 1e-4  # same quantized forward, same val set
     assert metrics["multiple_choice"]["n"] == 1
+
+    # The README's path: train -> export -> generate from the packed model: the same greedy text.
+    export = tmp_path / "export"
+    subprocess.run([sys.executable, "scripts/export.py", "--ckpt", str(ckpt), "--out", str(export)], cwd=ROOT, capture_output=True, text=True, timeout=300, check=True)
+    packed = subprocess.run(
+        [sys.executable, "scripts/generate.py", "--model", str(export), "--prompt", "farm:", "--tokens", "40", "--temperature", "0"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=True,
+    )
+
+    def text(out: str) -> str:
+        return out.split("---")[-1].split("\n[")[0]
+
+    assert text(packed.stdout) == text(gen.stdout) and "tokens/s, packed model" in packed.stdout
+    packed_eval = subprocess.run(
+        [sys.executable, "scripts/evaluate.py", "--model", str(export)], cwd=ROOT, capture_output=True, text=True, timeout=300, check=True
+    )
+    assert abs(json.loads(packed_eval.stdout)["val"]["loss"] - metrics["val"]["loss"]) < 1e-4

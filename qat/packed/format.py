@@ -11,9 +11,11 @@ A packed model is a directory:
 config.json
 -----------
     format_version  1 (an int; a reader refuses versions it does not know)
-    model           the Llama's fields: vocab_size, n_layer, d_model, n_head, n_kv_head,
-                    multiple_of, ffn_hidden, max_seq_len, rope_theta, norm_eps,
-                    tie_embeddings, init_std
+    model           the Llama's fields (models.LlamaConfig): vocab_size, n_layer, d_model,
+                    n_head, n_kv_head, multiple_of, ffn_hidden, max_seq_len, rope_theta,
+                    norm_eps, tie_embeddings, init_std, head_size (null = d_model / n_head),
+                    rope_scaling (null, or the llama3 {factor, low_freq_factor,
+                    high_freq_factor, original_max_seq_len})
     tokenizer       {"type": "bytes"}: ids 0..255 are UTF-8 bytes, 256 ends a document; or
                     {"type": "hf", "file": "tokenizer.json", "eos_token": "<|endoftext|>"}
     layers          {layer name: entry} for every quantized linear (names as in the model,
