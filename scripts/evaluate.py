@@ -50,12 +50,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-loss", action="store_true", help="skip the val-loss evaluation")
     p.add_argument("--out", help="write the metrics as JSON here")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--backend", choices=["auto", "torch", "triton"], default="auto",
+                   help="a packed model's kernels: auto = Triton on CUDA, torch on the CPU; triton on the CPU needs TRITON_INTERPRET=1")
     p.add_argument("overrides", nargs="*", help="data overrides, e.g. data=local data.path=valid.jsonl")
     args = p.parse_args(argv)
     try:
         if args.hellaswag and not Path(args.hellaswag).is_file():
             raise ValueError(f"--hellaswag={args.hellaswag!r} does not exist")
-        model = load_model(args.ckpt, args.model, args.device)
+        model = load_model(args.ckpt, args.model, args.device, args.backend)
         metrics: dict = {"model": model.source, "step": model.step}
         if not args.no_loss:
             with config_errors():  # a bad data override: one line, as in train.py

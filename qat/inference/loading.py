@@ -18,10 +18,15 @@ class Model(NamedTuple):
     source: str  # what it was loaded from, for reports
 
 
-def load_model(ckpt: str | Path | None = None, model_dir: str | Path | None = None, device: str | torch.device = "cpu") -> Model:
-    """Exactly one of `ckpt` (a train.py checkpoint) or `model_dir` (scripts/export.py output)."""
+def load_model(
+    ckpt: str | Path | None = None, model_dir: str | Path | None = None, device: str | torch.device = "cpu", backend: str = "auto"
+) -> Model:
+    """Exactly one of `ckpt` (a train.py checkpoint) or `model_dir` (scripts/export.py output).
+    backend ("auto" | "torch" | "triton") picks a packed model's kernels (qat.packed.linear)."""
     if (ckpt is None) == (model_dir is None):
         raise ValueError("give exactly one of --ckpt (a train.py checkpoint) or --model (an exported directory)")
+    if ckpt is not None and backend != "auto":
+        raise ValueError(f"backend={backend!r} applies to packed models (--model); a checkpoint runs its quantizers' own backend")
     if ckpt is not None:
         from qat.train.checkpoint import load_trained
 
@@ -29,5 +34,5 @@ def load_model(ckpt: str | Path | None = None, model_dir: str | Path | None = No
         return Model(net, tokenizer, config, step, f"checkpoint {ckpt}")
     from qat.packed.load import load_packed
 
-    net, tokenizer, config, step = load_packed(model_dir, device)
+    net, tokenizer, config, step = load_packed(model_dir, device, backend)
     return Model(net, tokenizer, config, step, f"packed model {model_dir}")

@@ -14,6 +14,13 @@ paths runs, chosen once per layer by `forward_path`:
   weight is decoded to the very values training used and a float matmul runs, so the
   output is the training layer's, operation for operation.
 
+Backends (`layer_backend`, decided once when a model is loaded): "torch" runs the above;
+"triton" runs both paths as the fused kernels of `kernels` ("triton-integer": the input's
+rotation + quantization in one kernel, then an int8 tensor-core GEMM on the packed codes;
+"triton-dequantize": the packed weight decoded in registers inside a float GEMM), and fails
+at load where they cannot; "auto" takes Triton on CUDA (torch for a layer it cannot run) and
+torch elsewhere. A 16-bit weight has nothing to decode: F.linear on every backend.
+
 Exactness: the integer path is the layer's exact output (only the scale products round);
 training's float matmul differs from it by summation error (~K * eps relative). So the two
 round an activation differently only where a value sits within that error of a rounding
@@ -26,11 +33,13 @@ follows the rounding rule (ties up); the training forward's pick was float noise
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import kernels
 from qat.packed.format import (
     INPUT_LEVELS,
     INPUT_SCALE,
@@ -48,22 +57,48 @@ from qat.packed.format import (
     to_int8,
 )
 from qat.packed.packing import packed_bytes, unpack_codes
-from qat.quant.config import QuantizerConfig
+from qat.quant.config import DEFAULT_CLIP_SCALE, QuantizerConfig
+from qat.quant.fused import fused_fake_quantize, fused_unsupported_reason
 from qat.quant.grids import make_grid
 from qat.quant.quantizer import fake_quantize, quantizer_grid
 
-BACKENDS = ("torch",)  # a GPU backend joins here, behind the same module
+BACKENDS = ("auto", "torch", "triton")
 
 
-def forward_path(weight: QuantizerConfig, activation: QuantizerConfig, backend: str = "torch") -> str:
-    """Which computation a layer runs: "integer" or "dequantize" (module docstring).
+def _check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not allowed; choose one of {', '.join(map(repr, BACKENDS))}")
+
+
+def layer_backend(backend: str, device: torch.device | str) -> str:
+    """The backend a model loaded on `device` gives its layers, decided once, at load: "auto"
+    is Triton on CUDA and torch elsewhere (the interpreter is for tests, asked for
+    explicitly); "triton" needs CUDA, or the CPU with TRITON_INTERPRET=1. Returns "torch",
+    "triton" (every packed layer must run on the kernels) or "auto" (those that can)."""
+    _check_backend(backend)
+    device = torch.device(device)
+    if backend == "triton" and not (device.type == "cuda" or (device.type == "cpu" and kernels.interpreting())):
+        raise ValueError(f"backend='triton' cannot run on device {device}: it needs CUDA, or the CPU with TRITON_INTERPRET=1")
+    return "torch" if backend == "auto" and device.type != "cuda" else backend
+
+
+def forward_path(weight: QuantizerConfig, activation: QuantizerConfig, backend: str = "torch", kernel_reason: str | None = None) -> str:
+    """Which computation a layer runs: "integer" or "dequantize" (module docstring), or with a
+    "triton" / "auto" layer backend their kernels "triton-integer" / "triton-dequantize".
+    kernel_reason: why the kernels cannot run this layer (None: they can).
 
     The one place that decides; a new backend adds its cases here.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r} is not allowed; choose one of {', '.join(map(repr, BACKENDS))}")
+    _check_backend(backend)
     exact = all(c.enabled and c.sparsity == "none" and make_grid(c.bits, c.grid).uniform for c in (weight, activation))
-    return "integer" if exact else "dequantize"
+    path = "integer" if exact else "dequantize"
+    if backend == "torch" or not weight.enabled:
+        return path
+    if kernel_reason is None:
+        return f"triton-{path}"
+    if backend == "triton":
+        raise ValueError(f"backend='triton' does not support {kernel_reason}; use backend='auto' or 'torch'")
+    return path
 
 
 def _per_group(scale: torch.Tensor, groups: int) -> torch.Tensor:
@@ -132,7 +167,9 @@ class PackedLinear(nn.Module):
         self.weight_cfg, self.activation_cfg = weight_cfg, activation_cfg
         self.weight_grid, self.input_grid = quantizer_grid(weight_cfg), quantizer_grid(activation_cfg)
         self.weight_dtype = _dtype(weight_dtype)
-        self.path = forward_path(weight_cfg, activation_cfg, backend)
+        why = self._kernel_reason() if backend != "torch" and weight_cfg.enabled else None
+        self.path = forward_path(weight_cfg, activation_cfg, backend, why)
+        self.fused_input = self._fused_input_cfg() if self.path.startswith("triton-") else None
         n, k = out_features, in_features
         packed = weight_cfg.enabled
         sparse = packed and weight_cfg.sparsity == "2:4"
@@ -164,6 +201,25 @@ class PackedLinear(nn.Module):
             f"activation={side(self.activation_cfg)}, rotation={w.rotation}, path={self.path}"
         )
 
+    def _kernel_reason(self) -> str | None:
+        """Why the low-bit kernels cannot run this layer (None: they can); asked once."""
+        k, w, a = self.in_features, self.weight_cfg, self.activation_cfg
+        integer = forward_path(w, a) == "integer"
+        return kernels.lowbit_unsupported_reason(
+            integer=integer, k=k, weight_group=k // scale_groups(k, w), input_group=k // scale_groups(k, a) if integer else k,
+            dtype=str(self.weight_dtype).removeprefix("torch."),
+        )  # fmt: skip
+
+    def _fused_input_cfg(self) -> QuantizerConfig | None:
+        """The activation config for the fused rotate + RMS + round kernel (the "ste" estimator:
+        its forward is every estimator's, and it writes no gradient mask), or None where that
+        kernel does not cover it (a learned scale, absmax, groups, ...): then fake_quantize."""
+        a = self.activation_cfg
+        if not a.enabled or a.learnable_scale:
+            return None
+        cfg = replace(a, estimator="ste", trust=None, clip_scale=DEFAULT_CLIP_SCALE)
+        return cfg if fused_unsupported_reason(cfg) is None else None
+
     def unpacked_weight_codes(self) -> torch.Tensor:
         """The stored codes, uint8 [N, Kc] (Kc = K/2 under 2:4: the kept codes only)."""
         k = stored_codes_per_row(self.in_features, self.weight_cfg)
@@ -187,6 +243,8 @@ class PackedLinear(nn.Module):
         return value.to(self.weight_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.path.startswith("triton-"):
+            return self._triton_forward(x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)
         a = fake_quantize(x, self.activation_cfg, self.input_grid, self.input_scale)
         if self.path == "dequantize":
             return F.linear(a.value, self.dequantized_weight(), self.bias)
@@ -199,6 +257,26 @@ class PackedLinear(nn.Module):
         if self.bias is not None:
             y = y + self.bias.double()
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def _triton_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The Triton paths on x [M, K]: the same integers / values as the torch paths."""
+        integer = self.path == "triton-integer"
+        if self.fused_input is not None:
+            a = fused_fake_quantize(x, self.fused_input, self.input_grid, with_codes=integer)
+        else:
+            a = fake_quantize(x, self.activation_cfg, self.input_grid, self.input_scale)
+        w_grid = self.weight_grid
+        if not integer:
+            return kernels.lowbit_dequant_matmul(
+                a.value, self.weight_codes, self.weight_cfg.bits, self.weight_scale, center=w_grid.center if w_grid.uniform else None,
+                levels=None if w_grid.uniform else self.weight_levels, positions=self.weight_positions, bias=self.bias,
+            )  # fmt: skip
+        a_form, w_form = integer_form(self.input_grid), integer_form(w_grid)
+        return kernels.lowbit_int_matmul(
+            a.codes, kernels.IntForm(*a_form[:4]), a.scale.reshape(x.shape[0], -1).float(), self.weight_codes,
+            self.weight_cfg.bits, kernels.IntForm(*w_form[:4]), self.weight_scale, divisor=a_form.divisor * w_form.divisor,
+            bias=self.bias, out_dtype=x.dtype,
+        )  # fmt: skip
 
     @torch.no_grad()
     def check(self, name: str) -> None:

@@ -19,7 +19,7 @@ from torch import nn
 
 from models import Llama, LlamaConfig
 from qat.packed.format import CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE
-from qat.packed.linear import PackedLinear
+from qat.packed.linear import PackedLinear, layer_backend
 from qat.quant.config import QuantizerConfig
 
 
@@ -71,8 +71,8 @@ def load_tokenizer(root: Path, entry: Mapping[str, Any]) -> Any:
     raise ValueError(f"tokenizer type={kind!r} is not allowed; this code reads 'bytes' and 'hf'")
 
 
-def packed_layer(name: str, entry: Mapping[str, Any]) -> PackedLinear:
-    """An empty PackedLinear for one config.json layer entry."""
+def packed_layer(name: str, entry: Mapping[str, Any], backend: str = "torch") -> PackedLinear:
+    """An empty PackedLinear for one config.json layer entry (backend: linear.layer_backend's)."""
     where = f"config.json layer {name!r}"
     return PackedLinear(
         int(_field(entry, "in_features", where)),
@@ -81,6 +81,7 @@ def packed_layer(name: str, entry: Mapping[str, Any]) -> PackedLinear:
         QuantizerConfig.from_mapping(_field(entry, "activation", where)),
         bias=bool(_field(entry, "bias", where)),
         weight_dtype=_field(entry, "weight_dtype", where),
+        backend=backend,
     )
 
 
@@ -95,9 +96,11 @@ def _swap_in(net: nn.Module, name: str, layer: PackedLinear) -> None:
     setattr(net.get_submodule(parent_name) if parent_name else net, child, layer)
 
 
-def load_packed(path: str | Path, device: str | torch.device = "cpu") -> PackedModel:
-    """The packed model in `path` (written by export_packed), in eval mode, on `device`."""
+def load_packed(path: str | Path, device: str | torch.device = "cpu", backend: str = "auto") -> PackedModel:
+    """The packed model in `path` (written by export_packed), in eval mode, on `device`.
+    backend: "auto" | "torch" | "triton", resolved here, once, for every layer (linear.py)."""
     root = Path(path)
+    backend = layer_backend(backend, device)
     config = read_config(root)
     try:
         model_cfg = LlamaConfig(**_field(config, "model", CONFIG_FILE))
@@ -108,7 +111,7 @@ def load_packed(path: str | Path, device: str | torch.device = "cpu") -> PackedM
     with torch.device("meta"):
         net = Llama(model_cfg)
         for name, entry in layers.items():
-            _swap_in(net, name, packed_layer(name, entry))
+            _swap_in(net, name, packed_layer(name, entry, backend))
     tensors = read_tensors(root / WEIGHTS_FILE, device)
     if model_cfg.tie_embeddings and "embed.weight" in tensors:
         tensors["lm_head.weight"] = tensors["embed.weight"]
