@@ -31,6 +31,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from models import flops_per_token
+from qat.quant.rules import rules_dirname
 from qat.train.checkpoint import (
     CHECKPOINT_DIR,
     LAST_CHECKPOINT,
@@ -40,7 +41,7 @@ from qat.train.checkpoint import (
     remove_stale_temp_files,
 )
 from qat.train.faults import Diverged, DivergenceGuard, Interrupted, SignalCheckpoint
-from qat.train.lifecycle import build_net, check_model, peak_lr
+from qat.train.lifecycle import build_net, check_model, layer_precisions, peak_lr, quantization_metadata, quantization_summary
 from qat.train.lit_module import QATModule
 from qat.train.run_config import (
     ConfigError,
@@ -52,12 +53,19 @@ from qat.train.run_config import (
     check_scheduler,
     check_world_divides_batch,
     config_errors,
+    quant_rules,
     quantizer_configs,
     resolve_max_steps,
     tokens_per_step,
 )
 from qat.train.run_record import EXIT_DIVERGED, RunRecord, StepRecorder, fail, is_completed, read_results
 from qat.train.telemetry import QuantTelemetry
+
+# The run directory names quant.rules by a digest (configs/train.yaml): the rules themselves
+# are too long for a file name. Registered at import, before Hydra resolves hydra.run.dir.
+OmegaConf.register_new_resolver(
+    "rules_dirname", lambda dirname, rules: rules_dirname(dirname, OmegaConf.to_container(rules) if OmegaConf.is_config(rules) else rules), replace=True
+)
 
 
 class Parts(NamedTuple):
@@ -94,6 +102,7 @@ def build(cfg: DictConfig, run_dir: Path, multirun: bool) -> Parts | None:
     check_known_keys(cfg)
     run = RunConfig.from_cfg(cfg)
     quantizer_configs(cfg)
+    quant_rules(cfg)  # their shape; build_net below checks that every pattern matches a layer
     check_batch_shape(cfg)
     check_world_divides_batch(cfg)
     check_optimizer_and_trainer(cfg)
@@ -116,6 +125,8 @@ def build(cfg: DictConfig, run_dir: Path, multirun: bool) -> Parts | None:
     # 2-3. The plain model (models/ knows nothing about quantization), then quantized.
     net = build_net(cfg, tokenizer.vocab_size)
     max_steps = resolve_max_steps(cfg, net.num_params(non_embedding=True))
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        print("\n".join(quantization_summary(net)))
 
     # 4. Compile after quantization, in place (state-dict keys stay the plain model's).
     if run.compile:
@@ -139,7 +150,6 @@ def train(cfg: DictConfig, run_dir: Path, multirun: bool = False, overrides: lis
     if parts is None:
         return read_results(run_dir)
     run, module, datamodule, max_steps, resume_from, start_step = parts
-    weight_quant, activation_quant = quantizer_configs(cfg)
 
     # 6. Trainer: checkpoints every N steps plus last, written atomically; telemetry; faults; record.
     every = run.checkpoint.every_n_steps
@@ -165,7 +175,7 @@ def train(cfg: DictConfig, run_dir: Path, multirun: bool = False, overrides: lis
         ],
     )
     net = module.net
-    record = RunRecord(run_dir, cfg, weight_quant, activation_quant, trainer.global_rank, overrides or [])
+    record = RunRecord(run_dir, cfg, layer_precisions(net), quantization_metadata(net), trainer.global_rank, overrides or [])
     record.update(non_embedding_params=net.num_params(non_embedding=True), total_params=net.num_params(non_embedding=False), max_steps=max_steps)
     trainer.callbacks.append(StepRecorder(record, tokens_per_step(cfg), every))
 

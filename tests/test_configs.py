@@ -8,7 +8,8 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from qat.train.run_config import quantizer_configs
+from qat.quant.rules import LayerRule
+from qat.train.run_config import ConfigError, quant_rules, quantizer_configs
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 GROUPS = ["model", "quant", "data", "tokenizer", "trainer", "logger", "optimizer", "scheduler", "experiment", "sweep"]
@@ -65,6 +66,18 @@ def test_quant_presets_mean_what_they_say():
     assert q["quest_2of4"][0].sparsity == "2:4" and q["quest_2of4"][1].sparsity == "none"
     assert q["weight_only"][0].bits == 4 and not q["weight_only"][1].enabled
     assert q["weight_only"][1].rotation == "hadamard"  # keeps (xH)(WH)^T = x W^T
+    assert q["quest_fc2_a8"] == q["quest"]  # its rules change only the FC2 inputs (test_quant_rules_in_presets...)
+
+
+def test_quant_rules_in_presets_and_overrides():
+    presets = [name for group, name in OPTIONS if group == "quant"]
+    rules = {name: quant_rules(_compose(f"quant={name}")) for name in presets}
+    assert rules.pop("quest_fc2_a8") == (LayerRule("layers.*.mlp.down", activation={"bits": 8}),)
+    assert set(rules.values()) == {()}  # every other preset is uniform
+    cfg = _compose("quant=quest_fc2_a8", "quant.bits=3", 'quant.rules=[{match: "layers.0.*", exclude: true}]')
+    assert quant_rules(cfg) == (LayerRule("layers.0.*", exclude=True),)  # the command line replaces the list
+    with pytest.raises(ConfigError, match=r"quant.rules\[0\].bits is not a rule key"):
+        quant_rules(_compose('quant.rules=[{match: "*", bits: 3}]'))
 
 
 def test_bits_shortcut_and_per_side_overrides():

@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from qat.io import atomic_write
+from qat.quant.config import QuantizerConfig
 from qat.train.lifecycle import build_net, quantization_metadata
 
 CHECKPOINT_DIR = "checkpoints"
@@ -43,13 +44,37 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu") -> Loaded
     cfg = ckpt["config"]
     tokenizer = instantiate(OmegaConf.create(cfg["tokenizer"]))
     net = build_net(cfg, tokenizer.vocab_size)
-    quant = ckpt["quantization"]
-    layers = quantization_metadata(net)["layers"]
-    if layers != list(quant["layers"]):
-        raise ValueError(f"checkpoint quantized {len(quant['layers'])} layers but the model now has {len(layers)} candidates")
+    check_same_quantization(path, ckpt["quantization"], quantization_metadata(net))
     state = {k[len(NET_PREFIX) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(NET_PREFIX)}
     net.load_state_dict(state)
     return LoadedModel(net.to(device).eval(), tokenizer, cfg, int(ckpt["global_step"]))
+
+
+def saved_layer_configs(quant: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """checkpoint["quantization"]["layers"] as {name: {"weight", "activation"}}. Checkpoints
+    from before per-layer rules hold a list of names, every layer at the top-level configs."""
+    layers = quant["layers"]
+    if isinstance(layers, dict):
+        return layers
+    return {name: {"weight": quant["weight"], "activation": quant["activation"]} for name in layers}
+
+
+def check_same_quantization(path: Path, saved: dict[str, Any], rebuilt: dict[str, Any]) -> None:
+    """The rebuilt model quantizes the same layers with the same configs as the checkpoint
+    (a checkpoint from before per-layer rules: the same layer names)."""
+    before, now = saved_layer_configs(saved), rebuilt["layers"]
+    if list(before) != list(now):
+        missing = sorted(set(before) ^ set(now))
+        raise ValueError(f"checkpoint {str(path)!r} quantized {len(before)} layers but the model now has {len(now)} (differing: {', '.join(missing[:3]) or 'order'})")
+    if not isinstance(saved["layers"], dict):
+        return
+    for name, configs in now.items():
+        try:  # through the schema: a field added since takes its default on both sides
+            same = all(QuantizerConfig.from_mapping(before[name][s]) == QuantizerConfig.from_mapping(configs[s]) for s in ("weight", "activation"))
+        except (KeyError, TypeError, ValueError):
+            same = False
+        if not same:
+            raise ValueError(f"checkpoint {str(path)!r}: layer {name} was trained with other quantizer configs than its config now resolves to")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -107,6 +132,8 @@ def newest_checkpoint(run_dir: Path, warn: Any = print) -> tuple[Path, dict[str,
 # in any of them would silently train a different model.
 IDENTITY_SECTIONS = ("model", "quant", "tokenizer", "data")
 NOT_IDENTITY = ("data.cache_dir", "data.num_workers", "data.val_batches")  # where, how fast, how much validation
+# Keys added since older checkpoints were written, with the value their absence meant.
+ADDED_KEYS = {"quant.rules": []}
 
 
 def _flatten(value: Any, prefix: str) -> dict[str, Any]:
@@ -119,4 +146,4 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
     """Keys under IDENTITY_SECTIONS whose values differ between two resolved run configs."""
     a = {k: v for s in IDENTITY_SECTIONS for k, v in _flatten(saved.get(s), s).items()}
     b = {k: v for s in IDENTITY_SECTIONS for k, v in _flatten(current.get(s), s).items()}
-    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and k not in NOT_IDENTITY)
+    return sorted(k for k in a.keys() | b.keys() if a.get(k, ADDED_KEYS.get(k)) != b.get(k, ADDED_KEYS.get(k)) and k not in NOT_IDENTITY)

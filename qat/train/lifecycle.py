@@ -7,6 +7,7 @@ trainer come after it, in train.py.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,9 +18,12 @@ from torch import nn
 from models import MODEL_SIZES, Llama, LlamaConfig, llama_config
 from qat.hf.load import check_checkpoint, load_hf_llama
 from qat.quant.config import QuantizerConfig
-from qat.quant.convert import quantize_model
+from qat.quant.convert import default_filter, quantize_model
 from qat.quant.hadamard import check_block
 from qat.quant.linear import QuantLinear
+from qat.quant.rules import LayerQuant
+from qat.scaling.precision import LayerPrecision
+from qat.train.run_config import quant_rules
 
 # Models above this many parameters are built on the meta device (no memory, no default
 # init) and materialised once: the default nn.Linear init of a billion-parameter model
@@ -44,12 +48,12 @@ def build_plain_net(cfg: LlamaConfig) -> Llama:
     return probe
 
 
-def check_quantizable(net: nn.Module, weight: QuantizerConfig, activation: QuantizerConfig) -> None:
-    """Every quantized layer's dims against the quantizer configs, once, at build time."""
+def check_quantizable(net: nn.Module) -> None:
+    """Every quantized layer's dims against its own quantizer configs, once, at build time."""
     for name, layer in net.named_modules():
         if not isinstance(layer, QuantLinear):
             continue
-        for side, qcfg in (("weight", weight), ("activation", activation)):
+        for side, qcfg in (("weight", layer.weight_quantizer.cfg), ("activation", layer.input_quantizer.cfg)):
             dim = layer.in_features
             try:
                 if qcfg.rotation == "hadamard":
@@ -102,7 +106,7 @@ def model_config(model: Mapping[str, Any], vocab_size: int, max_seq_len: int) ->
 def build_net(cfg: DictConfig | Mapping[str, Any], vocab_size: int, device: str | torch.device = "cpu") -> nn.Module:
     """The model a run trains: `cfg.model` built plain, initialised (model=hf: the checkpoint's
     weights), then every block linear swapped for a QuantLinear with `cfg.quant`'s weight and
-    activation configs.
+    activation configs as `cfg.quant.rules` changes them per layer (qat/quant/rules.py).
 
     device="meta" builds the same structure with no memory and no init: a free check of
     every layer's dims against the quantizers before any data is read."""
@@ -117,20 +121,88 @@ def build_net(cfg: DictConfig | Mapping[str, Any], vocab_size: int, device: str 
     else:
         net = build_plain_net(net_cfg)
     weight, activation = (QuantizerConfig.from_mapping(OmegaConf.to_container(cfg.quant[s], resolve=True)) for s in ("weight", "activation"))
-    quantize_model(net, weight, activation)
-    check_quantizable(net, weight, activation)
+    # Per-layer rules (checkpoints from before them have none: every layer as the preset).
+    quantize_model(net, weight, activation, rules=quant_rules(cfg))
+    check_quantizable(net)
     return net
+
+
+def block_linears(net: nn.Module) -> dict[str, nn.Linear]:
+    """Every layer quantize_model may swap (QuantLinear now, or nn.Linear a rule excluded)."""
+    return {
+        name: m
+        for name, m in net.named_modules()
+        if isinstance(m, QuantLinear) or (type(m) is nn.Linear and name and default_filter(m, name))
+    }
+
+
+def layer_quants(net: nn.Module) -> dict[str, LayerQuant | None]:
+    """Each block linear's configs, read off the layer itself (None: excluded, plain)."""
+    return {
+        name: LayerQuant(m.weight_quantizer.cfg, m.input_quantizer.cfg) if isinstance(m, QuantLinear) else None
+        for name, m in block_linears(net).items()
+    }
+
+
+def layer_precisions(net: nn.Module) -> list[LayerPrecision]:
+    """(weight parameters, weight config, activation config) of every block linear, for the
+    parameter-weighted bits of a mixed-precision run (qat.scaling.precision)."""
+    quants = layer_quants(net)
+    return [
+        LayerPrecision(m.weight.numel(), *((q.weight, q.activation) if (q := quants[name]) else (None, None)))
+        for name, m in block_linears(net).items()
+    ]
+
+
+def _config_key(quant: LayerQuant | None) -> str:
+    """Equal exactly when two layers' resolved configs are equal (None: excluded)."""
+    return "excluded" if quant is None else json.dumps(quant.to_dict(), sort_keys=True)
+
+
+def _groups(net: nn.Module) -> dict[str, tuple[LayerQuant | None, list[str], int]]:
+    """Distinct resolved configs in model order: (configs, layer names, weight params)."""
+    linears = block_linears(net)
+    out: dict[str, tuple[LayerQuant | None, list[str], int]] = {}
+    for name, quant in layer_quants(net).items():
+        key = _config_key(quant)
+        _, names, params = out.get(key, (quant, [], 0))
+        out[key] = (quant, [*names, name], params + linears[name].weight.numel())
+    return out
 
 
 def quantization_metadata(net: nn.Module) -> dict[str, Any]:
     """What the checkpoint records of the quantization, read off the net's own layers:
-    the weight and activation configs and the quantized layers' names."""
-    layers = {name: m for name, m in net.named_modules() if isinstance(m, QuantLinear)}
-    if not layers:
-        return {"weight": QuantizerConfig.from_mapping(None).to_dict(), "activation": QuantizerConfig.from_mapping(None).to_dict(), "layers": []}
-    first = next(iter(layers.values()))
+    `layers` maps each quantized layer to its resolved {"weight", "activation"} configs,
+    `excluded` lists the block linears a rule kept plain, and the top-level `weight` /
+    `activation` are the configs most weight parameters carry (a uniform run's only ones).
+    Checkpoints from before per-layer rules hold `layers` as a list of names and no `excluded`."""
+    quants = layer_quants(net)
+    quantized = [(params, quant) for quant, _, params in _groups(net).values() if quant is not None]
+    main = max(quantized, key=lambda g: g[0])[1] if quantized else None  # the first on a tie
+    plain = QuantizerConfig.from_mapping(None).to_dict()
     return {
-        "weight": first.weight_quantizer.cfg.to_dict(),
-        "activation": first.input_quantizer.cfg.to_dict(),
-        "layers": list(layers),
+        "weight": main.weight.to_dict() if main else plain,
+        "activation": main.activation.to_dict() if main else plain,
+        "layers": {name: q.to_dict() for name, q in quants.items() if q is not None},
+        "excluded": [name for name, q in quants.items() if q is None],
     }
+
+
+def describe(cfg: QuantizerConfig) -> str:
+    """One quantizer config in a few words, for the start-up summary."""
+    if not cfg.enabled:
+        return "16-bit" + (f" {cfg.rotation}" if cfg.rotation != "none" else "")
+    extra = [f"g{cfg.granularity}"] if cfg.granularity != "row" else []
+    extra += [cfg.sparsity] if cfg.sparsity != "none" else []
+    return " ".join([f"{cfg.bits:g}-bit", cfg.rotation, cfg.scale, cfg.grid, cfg.estimator, *extra])
+
+
+def quantization_summary(net: nn.Module) -> list[str]:
+    """One line per distinct resolved config, with its layer and parameter counts."""
+    groups = _groups(net)
+    lines = [f"quantization: {len(block_linears(net))} block linears, {len(groups)} distinct config(s)"]
+    for quant, names, params in groups.values():
+        text = "excluded (plain nn.Linear)" if quant is None else f"weight {describe(quant.weight)} | input {describe(quant.activation)}"
+        example = names[0] + (", ..." if len(names) > 1 else "")
+        lines.append(f"  {len(names):4d} layers {params:>13,} params  {text}  [{example}]")
+    return lines

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from qat.quant.config import QuantizerConfig
+from qat.quant.rules import LayerRule, parse_rules
 
 DISTRIBUTED_ENV = ("TORCHELASTIC_RUN_ID", "SLURM_NTASKS")
 
@@ -132,6 +133,17 @@ def quantizer_configs(cfg: DictConfig) -> tuple[QuantizerConfig, QuantizerConfig
         except ValueError as err:
             raise ConfigError(f"quant.{side}: {err}") from None
     return out[0], out[1]
+
+
+def quant_rules(cfg: DictConfig) -> tuple[LayerRule, ...]:
+    """`quant.rules`, checked for shape here (unknown keys, bad fields); whether each pattern
+    matches a layer is checked when the model is built (build_net on the meta device, free).
+    A config from before rules existed has none."""
+    raw = cfg.quant.get("rules")
+    try:
+        return parse_rules(OmegaConf.to_container(raw, resolve=True) if OmegaConf.is_config(raw) else raw)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def tokens_per_step(cfg: DictConfig) -> int:

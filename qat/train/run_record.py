@@ -12,14 +12,15 @@ import json
 import sys
 import time
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig
 
 from qat.io import atomic_write_json
-from qat.quant.config import QuantizerConfig
-from qat.scaling.precision import precision_key, storage_bits
+from qat.scaling.precision import LayerPrecision, run_precision
+from qat.train.run_config import quant_rules
 
 RESULTS_FILE = "results.json"
 FAILED_STATUSES = ("failed", "diverged", "interrupted")
@@ -38,28 +39,33 @@ def is_completed(run_dir: Path) -> bool:
 
 
 class RunRecord:
-    """Accumulates what results.json reports and writes it atomically (rank 0 only)."""
+    """Accumulates what results.json reports and writes it atomically (rank 0 only).
+
+    `layers` (lifecycle.layer_precisions) gives the precision key and bits: a uniform run's
+    own, a mixed run's parameter-weighted means (qat.scaling.precision). `quantization`
+    (lifecycle.quantization_metadata) is recorded as is: each layer's resolved configs."""
 
     def __init__(
-        self, run_dir: Path, cfg: DictConfig, weight: QuantizerConfig, activation: QuantizerConfig, rank: int, overrides: list[str]
+        self, run_dir: Path, cfg: DictConfig, layers: Sequence[LayerPrecision], quantization: dict[str, Any], rank: int, overrides: list[str]
     ) -> None:
         self.path = run_dir / RESULTS_FILE
         self.rank = rank
         self.start = time.time()
         self.previous = read_results(run_dir)  # a completed record is restored if this run fails
         self.earlier_wall_time = 0.0  # set by `resumed_from` for a run continuing earlier segments
+        precision = run_precision(layers)
         self.data: dict[str, Any] = {
             "status": "running",
             "model": cfg.model.size,
             "quant_preset": cfg.quant.name,
-            "w_bits": float(weight.bits),
-            "a_bits": float(activation.bits),
-            "memory_bits": storage_bits(float(weight.bits), weight.sparsity == "2:4"),
-            "precision": precision_key(weight, activation),
+            "w_bits": precision.w_bits,
+            "a_bits": precision.a_bits,
+            "memory_bits": precision.memory_bits,
+            "precision": precision.key,
             "seed": cfg.seed,
             "run_dir": str(run_dir),
             "overrides": list(overrides),
-            "quantization": {"weight": weight.to_dict(), "activation": activation.to_dict()},
+            "quantization": {**quantization, "rules": [rule.to_dict() for rule in quant_rules(cfg)]},
         }
 
     def resumed_from(self, step: int) -> None:
