@@ -59,7 +59,7 @@ from qat.train.run_config import (
     tokens_per_step,
 )
 from qat.train.run_record import EXIT_DIVERGED, RunRecord, StepRecorder, fail, is_completed, read_results
-from qat.train.telemetry import QuantTelemetry
+from qat.train.telemetry import QuantTelemetry, final_alignment
 
 # The run directory names quant.rules by a digest (configs/train.yaml): the rules themselves
 # are too long for a file name. Registered at import, before Hydra resolves hydra.run.dir.
@@ -169,7 +169,7 @@ def train(cfg: DictConfig, run_dir: Path, multirun: bool = False, overrides: lis
                 save_top_k=-1 if run.checkpoint.keep_all else 0,
                 save_last=True,
             ),
-            QuantTelemetry(run.telemetry_every),
+            QuantTelemetry(run.telemetry.every, run.telemetry.grad_alignment_every),
             DivergenceGuard(),
             SignalCheckpoint(str(final)),
         ],
@@ -218,6 +218,8 @@ def train(cfg: DictConfig, run_dir: Path, multirun: bool = False, overrides: lis
         unigram_loss=datamodule.unigram_loss,
         checkpoint=str(final),
     )
+    if run.telemetry.final_grad_alignment:
+        record.update(grad_alignment=final_alignment(module.net, datamodule))
     record.write("completed")
     if trainer.is_global_zero:
         print_summary(record.data)

@@ -40,7 +40,7 @@ TINY = [
     "data.batch_size=8",
     "data.val_batches=2",
     "checkpoint.every_n_steps=6",
-    "telemetry_every=5",
+    "telemetry.every=5",
 ]
 
 

@@ -13,7 +13,7 @@ import torch
 from conftest import ROOT, TINY, run_train
 
 pytestmark = pytest.mark.slow
-FAST = ("model=debug-xs", "telemetry_every=0")
+FAST = ("model=debug-xs", "telemetry.every=0")
 
 
 def _results(run_dir):

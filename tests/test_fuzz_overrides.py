@@ -42,7 +42,7 @@ overrides = st.dictionaries(st.sampled_from(sorted(CHOICES)), st.none(), min_siz
 @given(drawn=overrides)
 def test_any_override_trains_or_fails_in_one_line(tmp_path_factory, drawn):
     run_dir = tmp_path_factory.mktemp("fuzz")
-    proc = run_train(run_dir, "model=debug-xs", "telemetry_every=0", "trainer.max_steps=2", *drawn, check=False, timeout=300)
+    proc = run_train(run_dir, "model=debug-xs", "telemetry.every=0", "trainer.max_steps=2", *drawn, check=False, timeout=300)
     assert "Traceback" not in proc.stderr, (drawn, proc.stderr[-3000:])
     if proc.returncode == 0:
         r = json.loads((run_dir / "results.json").read_text())

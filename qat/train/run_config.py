@@ -2,7 +2,7 @@
 config, each made once, before any expensive work.
 
 Config groups carry their own schemas (`QuantizerConfig`, `LlamaConfig`, the data module);
-this file owns the top-level keys (seed, compile, telemetry_every, max_tokens,
+this file owns the top-level keys (seed, compile, telemetry.*, max_tokens,
 tokens_per_param, resume, skip_completed, checkpoint.*) and the facts that span groups
 (batch, sequence length, accumulation, step budget, launch mode). A bad value becomes one
 `ConfigError` line naming the key and what is allowed.
@@ -11,6 +11,7 @@ tokens_per_param, resume, skip_completed, checkpoint.*) and the facts that span 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 from collections.abc import Iterator
@@ -86,24 +87,45 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True)
+class TelemetryConfig:
+    every: int = 50  # quantizer statistics every N optimizer steps (0 = never)
+    grad_alignment_every: int = 0  # gradient alignment every N steps (0 = never)
+    final_grad_alignment: bool = False  # the alignment on a validation batch, into results.json
+
+    def __post_init__(self) -> None:
+        _check_int("telemetry.every", self.every, 0)
+        _check_int("telemetry.grad_alignment_every", self.grad_alignment_every, 0)
+        _check_bool("telemetry.final_grad_alignment", self.final_grad_alignment)
+
+
+def _section(cfg: DictConfig, name: str, schema: type) -> Any:
+    """A nested schema section from the composed config; unknown keys are refused by name."""
+    values = OmegaConf.to_container(cfg[name], resolve=True) if name in cfg else {}
+    allowed = {f.name for f in dataclasses.fields(schema)}
+    unknown = sorted(set(values) - allowed)
+    if unknown:
+        raise ConfigError(f"{name}.{unknown[0]} is not a key; allowed: {', '.join(f'{name}.{k}' for k in sorted(allowed))}")
+    return schema(**values)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """train.yaml's top-level keys, validated once (see configs/train.yaml for their meaning)."""
 
     run_name: str | None = None
     seed: int = 0
     compile: bool = False
-    telemetry_every: int = 50
     max_tokens: float | None = None
     tokens_per_param: float | None = None
     resume: bool = True
     skip_completed: bool = False
     checkpoint: CheckpointConfig = CheckpointConfig()
+    telemetry: TelemetryConfig = TelemetryConfig()
 
     def __post_init__(self) -> None:
         if self.run_name is not None and (not isinstance(self.run_name, str) or not self.run_name or "/" in self.run_name):
             raise ConfigError(f"run_name={self.run_name!r} must be a non-empty name without '/' (or null)")
         _check_int("seed", self.seed, 0)
-        _check_int("telemetry_every", self.telemetry_every, 0)
         for key in ("compile", "resume", "skip_completed"):
             _check_bool(key, getattr(self, key))
         _check_positive_or_null("max_tokens", self.max_tokens)
@@ -114,14 +136,10 @@ class RunConfig:
     @classmethod
     def from_cfg(cls, cfg: DictConfig) -> RunConfig:
         """The schema's fields from the composed config (the groups are checked elsewhere)."""
-        keys = ("run_name", "seed", "compile", "telemetry_every", "max_tokens", "tokens_per_param", "resume", "skip_completed")
+        keys = ("run_name", "seed", "compile", "max_tokens", "tokens_per_param", "resume", "skip_completed")
         fields = {k: OmegaConf.select(cfg, k) for k in keys}
         fields = {k: v for k, v in fields.items() if v is not None or k in ("run_name", "max_tokens", "tokens_per_param")}
-        checkpoint = OmegaConf.to_container(cfg.checkpoint, resolve=True) if "checkpoint" in cfg else {}
-        unknown = sorted(set(checkpoint) - {"every_n_steps", "keep_all"})
-        if unknown:
-            raise ConfigError(f"checkpoint.{unknown[0]} is not a key; allowed: checkpoint.every_n_steps, checkpoint.keep_all")
-        return cls(**fields, checkpoint=CheckpointConfig(**checkpoint))
+        return cls(**fields, checkpoint=_section(cfg, "checkpoint", CheckpointConfig), telemetry=_section(cfg, "telemetry", TelemetryConfig))
 
 
 def quantizer_configs(cfg: DictConfig) -> tuple[QuantizerConfig, QuantizerConfig]:
@@ -187,7 +205,7 @@ def check_launch(cfg: DictConfig, multirun: bool) -> None:
 
 # Top-level keys a composed config may have: the config groups, the schema's own keys, Hydra's.
 CONFIG_GROUPS = ("model", "quant", "data", "tokenizer", "trainer", "logger", "optimizer", "scheduler", "experiment", "sweep")
-SCHEMA_KEYS = ("run_name", "seed", "compile", "telemetry_every", "max_tokens", "tokens_per_param", "resume", "skip_completed", "checkpoint")
+SCHEMA_KEYS = ("run_name", "seed", "compile", "max_tokens", "tokens_per_param", "resume", "skip_completed", "checkpoint", "telemetry")
 
 
 def check_known_keys(cfg: DictConfig) -> None:

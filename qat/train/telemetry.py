@@ -22,6 +22,7 @@ from torch import nn
 
 from qat.quant.convert import quantizers
 from qat.quant.quantizer import Quantizer, fake_quantize, rotate
+from qat.train.alignment import alignment_metrics, gradient_alignment
 
 
 @torch.no_grad()
@@ -68,18 +69,34 @@ def telemetry_metrics(stats: dict[str, dict[str, float]]) -> dict[str, float]:
     return metrics
 
 
-class QuantTelemetry(Callback):
-    """Logs quantizer statistics every `every` optimizer steps (0 = never)."""
+def _due(every: int, step: int) -> bool:
+    return every > 0 and step % every == 0
 
-    def __init__(self, every: int) -> None:
-        self.every = every
+
+class QuantTelemetry(Callback):
+    """Logs quantizer statistics every `every` optimizer steps and the gradient alignment
+    every `alignment_every` steps (0 = never)."""
+
+    def __init__(self, every: int, alignment_every: int = 0) -> None:
+        self.every, self.alignment_every = every, alignment_every
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        first_micro = batch_idx % trainer.accumulate_grad_batches == 0
-        if self.every <= 0 or not first_micro or trainer.global_step % self.every:
-            return
-        metrics = telemetry_metrics(collect_stats(pl_module.net, batch[0]))
+        if batch_idx % trainer.accumulate_grad_batches:
+            return  # the first micro-batch of an optimizer step only
+        step, metrics = trainer.global_step, {}
+        if _due(self.every, step):
+            metrics.update(telemetry_metrics(collect_stats(pl_module.net, batch[0])))
+        if _due(self.alignment_every, step):
+            metrics.update(alignment_metrics(gradient_alignment(pl_module.net, batch[0], batch[1])))
         # Straight to the loggers: point samples of one step, not running means.
         if metrics and trainer.is_global_zero:
             for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=trainer.global_step)
+                logger.log_metrics(metrics, step=step)
+
+
+def final_alignment(net: nn.Module, datamodule: Any) -> dict[str, float]:
+    """The gradient alignment means (align/mean_*) on the first validation batch, for results.json."""
+    x, y = next(iter(datamodule.val_dataloader()))
+    device = next(net.parameters()).device
+    metrics = alignment_metrics(gradient_alignment(net, x.to(device), y.to(device)))
+    return {k: v for k, v in metrics.items() if k.startswith("align/mean_")}
