@@ -59,3 +59,13 @@ def use_triton(backend: str, config_reason: str | None, x: torch.Tensor) -> bool
             raise ValueError(f"backend='triton' does not support {why}; use backend='auto' or 'torch'")
         return True
     return why is None and x.is_cuda
+
+
+def gpu_benchmark_unavailable(script: str) -> str | None:
+    """Why `script` (a GPU benchmark) cannot run here, or None: it needs CUDA and compiled
+    kernels, not the interpreter."""
+    if not torch.cuda.is_available():
+        return f"{script} measures GPU kernels and needs CUDA; none is available"
+    if interpreting():
+        return "TRITON_INTERPRET=1 is set; unset it to benchmark compiled kernels"
+    return None

@@ -230,17 +230,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
 
-    if not torch.cuda.is_available():
-        print("error: bench_lowbit.py measures GPU kernels and needs CUDA; none is available", file=sys.stderr)
-        return 2
-    import triton
-
-    from kernels.plan import interpreting
+    from kernels.support import gpu_benchmark_unavailable
     from qat.io import atomic_write_json
 
-    if interpreting():
-        print("error: TRITON_INTERPRET=1 is set; unset it to benchmark compiled kernels", file=sys.stderr)
+    if why := gpu_benchmark_unavailable("bench_lowbit.py"):
+        print(f"error: {why}", file=sys.stderr)
         return 2
+    import triton
     gemm, gemv, decode = [], [], []
     copy = copy_gbps()
     print(f"device copy: {copy:.0f} GB/s")

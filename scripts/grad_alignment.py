@@ -9,7 +9,6 @@ Costs two forward/backward passes per batch. Prints a table, and the mean over b
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from itertools import islice
 

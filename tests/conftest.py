@@ -25,6 +25,16 @@ if not torch.cuda.is_available():
 SHARED = ROOT.parent / "shared"
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny-tensor tests: on a shared 2-core machine more
+    threads only add contention (several times slower under load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def shared_dir() -> Path:
     if not SHARED.is_dir():

@@ -46,12 +46,7 @@ WEIGHT_BITS = [1, 1.58, 2, 3, 4, 5, 6, 7, 8]
 ACT_FORMATS = [(4, "int"), (8, "int"), (2, "int_zero"), (8, "int_zero"), (1.58, "int"), (3, "int")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: intra-op threads only add contention
 
 
 def _gen(seed: int) -> torch.Generator:

@@ -78,13 +78,7 @@ EXTRA = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: on a shared machine, intra-op threads only add contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: intra-op threads only add contention
 
 
 def build_fake_quant(weight: dict, activation: dict, seed: int = 0, dtype=torch.float64, tie: bool = False, vocab_size: int = 257) -> Llama:

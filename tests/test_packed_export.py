@@ -19,8 +19,9 @@ from qat.packed.export import export_checkpoint, export_packed
 from qat.packed.format import FORMAT_VERSION
 from qat.packed.load import load_packed
 from qat.packed.packing import packed_bytes
-from test_packed import one_thread  # noqa: F401  (autouse: one intra-op thread here too)
 from test_packed import RUN_CONFIG, assert_float32_parity, build_fake_quant, reference_codes
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: intra-op threads only add contention
 
 ROOT = Path(__file__).resolve().parents[1]
 W4 = {"bits": 4}
