@@ -230,26 +230,13 @@ def test_backend_rule(monkeypatch):
 
 # ---- whole packed models: Triton backend == torch backend -----------------------------------
 
-RUN_CONFIG = {"model": {"size": "debug-xs"}, "data": {"seq_len": 64}, "note": "test"}
-
-
 def export_debug_model(tmp_path, weight: dict, activation: dict, dtype=torch.float32) -> Path:
     """debug-xs moved off its init, quantized, exported through the packed format."""
-    from models import Llama, llama_config
     from qat.data.tokenizer import ByteTokenizer
     from qat.packed.export import export_packed
-    from qat.quant.convert import quantize_model
+    from test_packed import RUN_CONFIG, build_fake_quant
 
-    torch.manual_seed(0)
-    net = Llama(llama_config("debug-xs", vocab_size=257, max_seq_len=64))
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(torch.randn_like(p) * p.std().clamp_min(0.1) * 0.5)
-    quantize_model(net, QuantizerConfig(**weight), QuantizerConfig(**activation))
-    net = net.to(dtype).eval()
-    with torch.no_grad():
-        net(torch.randint(0, 257, (2, 16)))  # initialises learned scales, if any
-    return export_packed(net, ByteTokenizer(), RUN_CONFIG, 7, tmp_path / "packed")
+    return export_packed(build_fake_quant(weight, activation, dtype=dtype), ByteTokenizer(), RUN_CONFIG, 7, tmp_path / "packed")
 
 
 def _assert_backends_agree(path: Path, device: str, tokens: int) -> None:
