@@ -46,6 +46,7 @@ from qat.train.lit_module import QATModule
 from qat.train.run_config import (
     ConfigError,
     RunConfig,
+    check_alignment_strategy,
     check_batch_shape,
     check_known_keys,
     check_launch,
@@ -68,6 +69,11 @@ OmegaConf.register_new_resolver(
 )
 
 
+def local_rank() -> int:
+    """This process's rank on its node: torchrun and Lightning set LOCAL_RANK, srun SLURM_LOCALID."""
+    return int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
+
+
 class Parts(NamedTuple):
     run: RunConfig
     module: QATModule
@@ -81,7 +87,7 @@ def choose_resume(cfg: DictConfig, run_dir: Path, run: RunConfig) -> tuple[Path 
     """The newest loadable checkpoint of this run directory (none with resume=false), checked
     to be of the same model, quantization, tokenizer and data as this command."""
     removed = remove_stale_temp_files(run_dir)
-    if removed and int(os.environ.get("LOCAL_RANK", 0)) == 0:
+    if removed and local_rank() == 0:
         print(f"removed {len(removed)} temp file(s) of an interrupted write")
     found = newest_checkpoint(run_dir) if run.resume else None
     if found is None:
@@ -101,6 +107,7 @@ def build(cfg: DictConfig, run_dir: Path, multirun: bool) -> Parts | None:
     # 0. Checks that cost nothing, each made once.
     check_known_keys(cfg)
     run = RunConfig.from_cfg(cfg)
+    check_alignment_strategy(cfg, run)
     quantizer_configs(cfg)
     quant_rules(cfg)  # their shape; build_net below checks that every pattern matches a layer
     check_batch_shape(cfg)
@@ -119,13 +126,13 @@ def build(cfg: DictConfig, run_dir: Path, multirun: bool) -> Parts | None:
 
     # 1. Data: tokenized once into a cache (rank 0 here; the other ranks then hit the cache).
     datamodule = instantiate(cfg.data, tokenizer=tokenizer)
-    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+    if local_rank() == 0:
         datamodule.prepare_data()
 
     # 2-3. The plain model (models/ knows nothing about quantization), then quantized.
     net = build_net(cfg, tokenizer.vocab_size)
     max_steps = resolve_max_steps(cfg, net.num_params(non_embedding=True))
-    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+    if local_rank() == 0:
         print("\n".join(quantization_summary(net)))
 
     # 4. Compile after quantization, in place (state-dict keys stay the plain model's).

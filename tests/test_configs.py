@@ -92,7 +92,9 @@ def test_trainer_presets_and_arbitrary_trainer_args():
     assert cfg.trainer.devices == 2 and cfg.trainer.strategy.process_group_backend == "gloo"
     assert (cfg.trainer.max_steps, cfg.trainer.gradient_clip_val) == (7, 0.5)
     fsdp = instantiate(_compose("trainer=fsdp").trainer.strategy)
-    assert type(fsdp).__name__ == "FSDPStrategy"
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    assert isinstance(fsdp, FSDPStrategy)
 
 
 def test_slurm_launcher_composes():

@@ -49,7 +49,10 @@ class DivergenceGuard(Callback):
     """Stops the run at the first non-finite gradient norm or loss."""
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
-        if not math.isfinite(grad_norm(pl_module)):
+        # Every rank decides together: under FSDP each sees only its shard of the gradients,
+        # and a rank stopping alone would leave the others waiting forever.
+        bad = torch.tensor(0.0 if math.isfinite(grad_norm(pl_module)) else 1.0, device=pl_module.device)
+        if trainer.strategy.reduce(bad, reduce_op="max").item() > 0:
             raise Diverged(trainer.global_step, "the gradient norm")
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:

@@ -127,12 +127,24 @@ def build_net(cfg: DictConfig | Mapping[str, Any], vocab_size: int, device: str 
     return net
 
 
+# Wrappers that FSDP and activation checkpointing insert into module names; a layer's name
+# in a checkpoint is the plain model's, whatever wrapped it during training.
+WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def plain_name(name: str) -> str:
+    for prefix in WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
 def block_linears(net: nn.Module) -> dict[str, nn.Linear]:
-    """Every layer quantize_model may swap (QuantLinear now, or nn.Linear a rule excluded)."""
+    """Every layer quantize_model may swap (QuantLinear now, or nn.Linear a rule excluded),
+    by its plain-model name."""
     return {
-        name: m
+        plain_name(name): m
         for name, m in net.named_modules()
-        if isinstance(m, QuantLinear) or (type(m) is nn.Linear and name and default_filter(m, name))
+        if isinstance(m, QuantLinear) or (type(m) is nn.Linear and name and default_filter(m, plain_name(name)))
     }
 
 

@@ -253,6 +253,14 @@ def world_size(cfg: DictConfig) -> int:
     return 1
 
 
+def check_alignment_strategy(cfg: DictConfig, run: RunConfig) -> None:
+    """Gradient alignment takes per-layer gradients of the whole weights: not of FSDP shards."""
+    strategy = cfg.trainer.get("strategy")
+    name = strategy if isinstance(strategy, str) else str(OmegaConf.select(cfg, "trainer.strategy._target_", default=""))
+    if "fsdp" in name.lower() and (run.telemetry.grad_alignment_every or run.telemetry.final_grad_alignment):
+        raise ConfigError("telemetry.grad_alignment_every / final_grad_alignment are not supported with FSDP; use trainer=ddp or set them to 0 / false")
+
+
 def check_world_divides_batch(cfg: DictConfig) -> None:
     world = world_size(cfg)
     if cfg.data.batch_size % world:

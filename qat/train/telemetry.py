@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
+from torch.distributed.fsdp import FullyShardedDataParallel
 
 from qat.quant.convert import quantizers
 from qat.quant.quantizer import Quantizer, fake_quantize, rotate
@@ -38,7 +39,7 @@ def quantizer_stats(quantizer: Quantizer, x: torch.Tensor) -> dict[str, float]:
 
 
 @torch.no_grad()
-def collect_stats(net: nn.Module, idx: torch.Tensor) -> dict[str, dict[str, float]]:
+def collect_stats(net: nn.Module, idx: torch.Tensor, forward: Any = None) -> dict[str, dict[str, float]]:
     """Per-quantizer statistics for one forward of `net` on `idx` (eager, hooks removed after)."""
     stats: dict[str, dict[str, float]] = {}
     handles = []
@@ -51,7 +52,9 @@ def collect_stats(net: nn.Module, idx: torch.Tensor) -> dict[str, dict[str, floa
 
         handles.append(quantizer.register_forward_hook(hook))
     try:
-        net.forward(idx)  # the module's own forward: bypasses a compiled __call__
+        # The module's own forward bypasses a compiled __call__; under FSDP the call must go
+        # through the root wrapper (`forward`), which gathers the sharded parameters.
+        (forward or net.forward)(idx)
     finally:
         for handle in handles:
             handle.remove()
@@ -85,7 +88,9 @@ class QuantTelemetry(Callback):
             return  # the first micro-batch of an optimizer step only
         step, metrics = trainer.global_step, {}
         if _due(self.every, step):
-            metrics.update(telemetry_metrics(collect_stats(pl_module.net, batch[0])))
+            model = trainer.strategy.model
+            forward = model if isinstance(model, FullyShardedDataParallel) else None
+            metrics.update(telemetry_metrics(collect_stats(pl_module.net, batch[0], forward)))
         if _due(self.alignment_every, step):
             metrics.update(alignment_metrics(gradient_alignment(pl_module.net, batch[0], batch[1])))
         # Straight to the loggers: point samples of one step, not running means.
