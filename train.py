@@ -117,7 +117,8 @@ def build(cfg: DictConfig, run_dir: Path, multirun: bool) -> Parts | None:
     check_launch(cfg, multirun)
     check_model(cfg)  # a size-table row, or model=hf: a checkpoint directory we can load
     tokenizer = instantiate(cfg.tokenizer)
-    build_net(cfg, tokenizer.vocab_size, device="meta")  # every layer's dims vs the quantizers, free
+    probe = build_net(cfg, tokenizer.vocab_size, device="meta")  # every layer's dims vs the quantizers, free
+    max_steps = resolve_max_steps(cfg, probe.num_params(non_embedding=True))
     if run.skip_completed and is_completed(run_dir):
         print(f"skipping {run_dir}: results.json says completed")
         return None
@@ -131,7 +132,6 @@ def build(cfg: DictConfig, run_dir: Path, multirun: bool) -> Parts | None:
 
     # 2-3. The plain model (models/ knows nothing about quantization), then quantized.
     net = build_net(cfg, tokenizer.vocab_size)
-    max_steps = resolve_max_steps(cfg, net.num_params(non_embedding=True))
     if local_rank() == 0:
         print("\n".join(quantization_summary(net)))
 
@@ -259,5 +259,23 @@ def main(cfg: DictConfig) -> dict | None:
         fail(str(err), code=128 + err.signum)
 
 
+def main_with_one_line_errors() -> None:
+    """Hydra reports a bad group option or key (`quant=nope`, `checkpoint.foo=1`) on several lines
+    with exit code 1; here it is one `error:` line and exit code 2, like every other bad input."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # Hydra raises instead of printing
+    try:
+        main()
+    except (HydraException, OmegaConfBaseException) as err:
+        text = str(err).split("Config search path")[0]  # Hydra's search path: noise for a typo
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        cause = err.__cause__
+        if cause is not None and str(cause).strip():
+            lines.append(str(cause).strip().splitlines()[0])
+        fail("; ".join(lines)[:600] or type(err).__name__)
+
+
 if __name__ == "__main__":
-    main()
+    main_with_one_line_errors()
