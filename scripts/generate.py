@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         out = generate(
             model.net, prompt, args.tokens, args.temperature, args.top_k or None,
-            max_seq_len=model.config["data"]["seq_len"], generator=gen, stop_id=tok.eos_id, use_cache=not args.no_cache,
+            max_seq_len=model.net.cfg.max_seq_len, generator=gen, stop_id=tok.eos_id, use_cache=not args.no_cache,
         )  # fmt: skip
         seconds = time.perf_counter() - started
         text = tok.decode([t for t in out if t != tok.eos_id])
