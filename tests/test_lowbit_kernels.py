@@ -46,7 +46,8 @@ WEIGHT_BITS = [1, 1.58, 2, 3, 4, 5, 6, 7, 8]
 ACT_FORMATS = [(4, "int"), (8, "int"), (2, "int_zero"), (8, "int_zero"), (1.58, "int"), (3, "int")]
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: intra-op threads only add contention
+# Interpreter runs of every kernel: in the default (CI) command, outside the quick loop.
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 
 
 def _gen(seed: int) -> torch.Generator:
