@@ -18,6 +18,8 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
+# transformers as the reference (about 13 s with its import): in the full (CI) suite, outside the quick loop.
+pytestmark = pytest.mark.slow
 
 from hydra import compose, initialize_config_dir  # noqa: E402
 

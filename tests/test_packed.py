@@ -176,6 +176,7 @@ def first_code_difference(fake, packed, prompt) -> tuple[str, float] | None:
 
 
 @torch.no_grad()
+@pytest.mark.slow  # the whole format matrix: in the full (CI) suite, outside the quick loop
 @pytest.mark.parametrize("weight, activation", MATRIX + EXTRA)
 def test_packed_equals_fake_quant(weight, activation, tmp_path):
     fake = build_fake_quant(weight, activation)
