@@ -60,3 +60,11 @@ def test_the_measurement_changes_nothing():
     with quantizers_off(net):
         plain = net(x)
     assert not torch.equal(plain, logits) and torch.equal(net(x), logits)  # off inside only
+
+
+def test_learned_scales_are_used():
+    """LSQ / PACT weights quantize with their learned scale (there is no fit to fall back on)."""
+    cfg = QuantizerConfig(bits=4, scale="lsq", estimator="lsq", rotation="none")
+    net = _net(cfg, cfg)
+    stats = gradient_alignment(net, *_batch())
+    assert all(0 < s["cos"] <= 1.0 + 1e-9 and 0 < s["mask_fraction"] <= 1 for s in stats.values())

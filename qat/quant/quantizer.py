@@ -66,6 +66,8 @@ def fake_quantize(x: torch.Tensor, cfg: QuantizerConfig, grid: Grid | None = Non
     with torch.no_grad():
         rms = row_rms(xg)
     if scale is None:
+        if cfg.learnable_scale:
+            raise ValueError("scale='lsq' is learned: pass the quantizer's scale (Quantizer.learned_scale)")
         scale = SCALE_FITS[cfg.scale](xg.detach(), rms, grid)
     qz = ESTIMATORS[cfg.estimator](xg, scale, rms, grid, EstimatorKnobs(cfg.trust_radius(grid), cfg.clip_scale))
     value, codes, mask = qz.value.reshape(x.shape), qz.codes.reshape(x.shape), qz.grad_mask.reshape(x.shape)

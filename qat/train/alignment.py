@@ -69,7 +69,8 @@ def gradient_alignment(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict
         gq, gf = gq.double().flatten(), gf.double().flatten()
         norm_q, norm_fp = gq.norm(), gf.norm()
         with torch.no_grad():
-            passed = fake_quantize(layer.weight, layer.weight_quantizer.cfg, layer.weight_quantizer.grid).grad_mask
+            quantizer = layer.weight_quantizer
+            passed = fake_quantize(layer.weight, quantizer.cfg, quantizer.grid, quantizer.learned_scale(layer.weight)).grad_mask
         out[name] = {
             "cos": float(gq @ gf / (norm_q * norm_fp).clamp_min(1e-300)),
             "norm_ratio": float(norm_q / norm_fp.clamp_min(1e-300)),

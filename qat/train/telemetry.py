@@ -30,7 +30,7 @@ from qat.train.alignment import alignment_metrics, gradient_alignment
 def quantizer_stats(quantizer: Quantizer, x: torch.Tensor) -> dict[str, float]:
     """Masked fraction and relative squared error of one quantizer on its input x."""
     cfg = quantizer.cfg
-    qz = fake_quantize(x, cfg, quantizer.grid, quantizer.scale.abs().clamp_min(1e-8) if cfg.learnable_scale else None)
+    qz = fake_quantize(x, cfg, quantizer.grid, quantizer.learned_scale(x))
     ref = rotate(x, cfg).double()
     return {
         "masked_fraction": float(1.0 - qz.grad_mask.float().mean()),
