@@ -200,6 +200,8 @@ def train(cfg: DictConfig, run_dir: Path, multirun: bool = False, overrides: lis
         record.add_train_time(time.perf_counter() - started)
         trainer.save_checkpoint(final, weights_only=False)  # full state, so a longer re-run resumes
         metrics = trainer.validate(module, datamodule=datamodule, ckpt_path=str(final), verbose=False, weights_only=True)[0]
+        if run.telemetry.final_grad_alignment:
+            record.update(grad_alignment=final_alignment(module.net, datamodule))
     except Diverged as err:
         record.update(step=err.step, diverged_at_step=err.step)
         record.write("diverged")
@@ -225,8 +227,6 @@ def train(cfg: DictConfig, run_dir: Path, multirun: bool = False, overrides: lis
         unigram_loss=datamodule.unigram_loss,
         checkpoint=str(final),
     )
-    if run.telemetry.final_grad_alignment:
-        record.update(grad_alignment=final_alignment(module.net, datamodule))
     record.write("completed")
     if trainer.is_global_zero:
         print_summary(record.data)
