@@ -199,9 +199,9 @@ def train(cfg: DictConfig, run_dir: Path, multirun: bool = False, overrides: lis
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None, weights_only=True)
         record.add_train_time(time.perf_counter() - started)
         trainer.save_checkpoint(final, weights_only=False)  # full state, so a longer re-run resumes
-        metrics = trainer.validate(module, datamodule=datamodule, ckpt_path=str(final), verbose=False, weights_only=True)[0]
-        if run.telemetry.final_grad_alignment:
+        if run.telemetry.final_grad_alignment:  # before validating: validation runs in inference mode
             record.update(grad_alignment=final_alignment(module.net, datamodule))
+        metrics = trainer.validate(module, datamodule=datamodule, ckpt_path=str(final), verbose=False, weights_only=True)[0]
     except Diverged as err:
         record.update(step=err.step, diverged_at_step=err.step)
         record.write("diverged")
