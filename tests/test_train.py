@@ -134,14 +134,39 @@ def test_wandb_offline(tmp_path):
         ("data.seq_len=1", "data.seq_len=1 must be an integer >= 2"),
         ("data.batch_size=0", "data.batch_size=0 must be an integer >= 1"),
         ("data.source.num_documents=0", "num_documents"),
+        ("optimizer.lr=0", "optimizer.lr=0 must be a number > 0"),
+        ("scheduler.name=nope", "scheduler.name='nope' is not allowed"),
+        ("scheduler.warmup_fraction=1.5", "scheduler.warmup_fraction=1.5 is not allowed"),
+        ("checkpoint.every_n_steps=0", "checkpoint.every_n_steps=0 must be an integer >= 1"),
+        ("checkpoint.foo=1", "Could not override 'checkpoint.foo'"),
+        ("tokens_per_param=0", "tokens_per_param=0 must be a positive number or null"),
+        ("max_tokens=-100", "max_tokens=-100 must be a positive number or null"),
+        ("trainer.gradient_clip_val=-1", "trainer.gradient_clip_val=-1 must be a number >= 0"),
+        ("trainer.max_steps=x", "trainer.max_steps='x' must be an integer >= 1"),
+        ("+foo=1", "unknown config key 'foo'"),
+        ("quant.weight.hadamard_block=256", "not divisible by the Hadamard block 256"),
+        ("telemetry.every=-5", "telemetry.every=-5 must be an integer >= 0"),
     ],
 )
 def test_bad_overrides_fail_in_one_line_before_training(tmp_path, override, message):
     proc = run_train(tmp_path, override, check=False, timeout=120)
-    assert proc.returncode != 0
-    assert message in proc.stderr
-    assert "Traceback" not in proc.stderr
+    _assert_one_line_error(proc, message)
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "results.json").exists()
+
+
+def _assert_one_line_error(proc, message: str) -> None:
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
+def test_bad_files_fail_in_one_line_naming_them(tmp_path):
+    data = tmp_path / "bad.txt"
+    data.write_bytes(b"a fine line\n\xff\xfe not utf-8\n")
+    _assert_one_line_error(run_train(tmp_path / "a", "data=local", f"data.path={data}", check=False), "is not UTF-8: byte 0xff at offset 12")
+    tok = tmp_path / "tok.json"
+    tok.write_text('{"broken": ')
+    _assert_one_line_error(run_train(tmp_path / "b", "tokenizer=hf", f"tokenizer.path={tok}", check=False), f"tokenizer.path='{tok}' is not a tokenizers JSON file")
 
 
 def test_generate_and_evaluate_scripts(default_run, tmp_path):
