@@ -190,12 +190,17 @@ def resolve_max_steps(cfg: DictConfig, non_embedding_params: int) -> int:
     return max(1, math.ceil(tokens / tokens_per_step(cfg)))
 
 
+def strategy_name(cfg: DictConfig) -> str:
+    """trainer.strategy as a lower-case name: the string, or the `_target_` of a strategy object."""
+    strategy = cfg.trainer.get("strategy")
+    return (strategy if isinstance(strategy, str) else str(OmegaConf.select(cfg, "trainer.strategy._target_", default=""))).lower()
+
+
 def check_launch(cfg: DictConfig, multirun: bool) -> None:
     """Hydra multirun + a subprocess-launching strategy would re-run the whole sweep in
     every rank; such jobs must be started by torchrun or srun (which set the ranks)."""
-    strategy = cfg.trainer.get("strategy")
-    name = strategy if isinstance(strategy, str) else str(OmegaConf.select(cfg, "trainer.strategy._target_", default=""))
-    multi = "ddp" in name.lower() or "fsdp" in name.lower()
+    name = strategy_name(cfg)
+    multi = "ddp" in name or "fsdp" in name
     if multirun and multi and not any(k in os.environ for k in DISTRIBUTED_ENV):
         raise ConfigError(
             "trainer=ddp/fsdp inside a Hydra multirun must be launched by torchrun or srun "
@@ -245,19 +250,17 @@ def world_size(cfg: DictConfig) -> int:
     multi-process strategy, else 1."""
     if "WORLD_SIZE" in os.environ:
         return int(os.environ["WORLD_SIZE"])
-    strategy = cfg.trainer.get("strategy")
-    name = strategy if isinstance(strategy, str) else str(OmegaConf.select(cfg, "trainer.strategy._target_", default=""))
+    name = strategy_name(cfg)
     devices, nodes = cfg.trainer.get("devices", 1), cfg.trainer.get("num_nodes", 1)
-    if ("ddp" in name.lower() or "fsdp" in name.lower()) and _is_int(devices) and _is_int(nodes):
+    if ("ddp" in name or "fsdp" in name) and _is_int(devices) and _is_int(nodes):
         return devices * nodes
     return 1
 
 
 def check_alignment_strategy(cfg: DictConfig, run: RunConfig) -> None:
     """Gradient alignment takes per-layer gradients of the whole weights: not of FSDP shards."""
-    strategy = cfg.trainer.get("strategy")
-    name = strategy if isinstance(strategy, str) else str(OmegaConf.select(cfg, "trainer.strategy._target_", default=""))
-    if "fsdp" in name.lower() and (run.telemetry.grad_alignment_every or run.telemetry.final_grad_alignment):
+    name = strategy_name(cfg)
+    if "fsdp" in name and (run.telemetry.grad_alignment_every or run.telemetry.final_grad_alignment):
         raise ConfigError("telemetry.grad_alignment_every / final_grad_alignment are not supported with FSDP; use trainer=ddp or set them to 0 / false")
 
 
