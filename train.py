@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import hydra
@@ -30,7 +31,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from models import flops_per_token
+from qat.models.llama import flops_per_token
 from qat.quant.rules import rules_dirname
 from qat.train.checkpoint import (
     CHECKPOINT_DIR,
@@ -56,6 +57,7 @@ from qat.train.run_config import (
     config_errors,
     quant_rules,
     quantizer_configs,
+    StepBudget,
     resolve_max_steps,
     tokens_per_step,
 )
@@ -78,7 +80,7 @@ class Parts(NamedTuple):
     run: RunConfig
     module: QATModule
     datamodule: L.LightningDataModule
-    max_steps: int
+    budget: StepBudget
     resume_from: Path | None
     start_step: int
 
@@ -102,7 +104,7 @@ def choose_resume(cfg: DictConfig, run_dir: Path, run: RunConfig) -> tuple[Path 
     return path, int(ckpt["global_step"])
 
 
-def build(cfg: DictConfig, run_dir: Path, multirun: bool) -> Parts | None:
+def build(cfg: DictConfig, run_dir: Path, multirun: bool, overrides: Sequence[str] = ()) -> Parts | None:
     """Steps 0-5 of the lifecycle; None when the run is already completed and may be skipped."""
     # 0. Checks that cost nothing, each made once.
     check_known_keys(cfg)
@@ -118,7 +120,7 @@ def build(cfg: DictConfig, run_dir: Path, multirun: bool) -> Parts | None:
     check_model(cfg)  # a size-table row, or model=hf: a checkpoint directory we can load
     tokenizer = instantiate(cfg.tokenizer)
     probe = build_net(cfg, tokenizer.vocab_size, device="meta")  # every layer's dims vs the quantizers, free
-    max_steps = resolve_max_steps(cfg, probe.num_params(non_embedding=True))
+    budget = resolve_max_steps(cfg, probe.num_params(non_embedding=True), overrides)
     if run.skip_completed and is_completed(run_dir):
         print(f"skipping {run_dir}: results.json says completed")
         return None
@@ -134,6 +136,7 @@ def build(cfg: DictConfig, run_dir: Path, multirun: bool) -> Parts | None:
     net = build_net(cfg, tokenizer.vocab_size)
     if local_rank() == 0:
         print("\n".join(quantization_summary(net)))
+        print(f"max_steps {budget.steps:,} from {budget.source}")
 
     # 4. Compile after quantization, in place (state-dict keys stay the plain model's).
     if run.compile:
@@ -148,15 +151,16 @@ def build(cfg: DictConfig, run_dir: Path, multirun: bool) -> Parts | None:
         flops_per_token=flops_per_token(net.cfg, cfg.data.seq_len),
         extra_checkpoint={"config": OmegaConf.to_container(cfg, resolve=True)},
     )
-    return Parts(run, module, datamodule, max_steps, resume_from, start_step)
+    return Parts(run, module, datamodule, budget, resume_from, start_step)
 
 
 def train(cfg: DictConfig, run_dir: Path, multirun: bool = False, overrides: list[str] | None = None) -> dict:
     with config_errors():  # every bad override fails here, in one line, before training
-        parts = build(cfg, run_dir, multirun)
+        parts = build(cfg, run_dir, multirun, overrides or ())
     if parts is None:
         return read_results(run_dir)
-    run, module, datamodule, max_steps, resume_from, start_step = parts
+    run, module, datamodule, budget, resume_from, start_step = parts
+    max_steps = budget.steps
 
     # 6. Trainer: checkpoints every N steps plus last, written atomically; telemetry; faults; record.
     every = run.checkpoint.every_n_steps
@@ -183,7 +187,7 @@ def train(cfg: DictConfig, run_dir: Path, multirun: bool = False, overrides: lis
     )
     net = module.net
     record = RunRecord(run_dir, cfg, layer_precisions(net), quantization_metadata(net), trainer.global_rank, overrides or [])
-    record.update(non_embedding_params=net.num_params(non_embedding=True), total_params=net.num_params(non_embedding=False), max_steps=max_steps)
+    record.update(non_embedding_params=net.num_params(non_embedding=True), total_params=net.num_params(non_embedding=False), max_steps=max_steps, max_steps_source=budget.source)
     trainer.callbacks.append(StepRecorder(record, tokens_per_step(cfg), every))
 
     # 7. Fit (resuming from the newest valid checkpoint of this run directory), then a final

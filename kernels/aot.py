@@ -5,7 +5,7 @@ compiles for Hopper, that the rounding uses IEEE division and no FMA contraction
 repeats torch's float ops), that the rotation runs on wgmma, and how many registers and
 how much shared memory each variant takes (what decides occupancy).
 
-    python -m kernels.aot            # tables for the training and low-bit kernels on sm_90
+    python -m qat.kernels.aot            # tables for the training and low-bit kernels on sm_90
 
 For the low-bit GEMMs (lowbit_gemm.py) it also checks, at the benchmark tile sizes, that
 the integer GEMMs multiply on int8 tensor cores (mma/wgmma with .s8 operands) and that no
@@ -22,8 +22,8 @@ import sys
 import tempfile
 from dataclasses import dataclass
 
-from kernels.lowbit_plan import GemmTiles, kernel_bits
-from kernels.plan import ESTIMATOR_CODES, interpreting, tiling_for
+from qat.kernels.lowbit_plan import GemmTiles, kernel_bits
+from qat.kernels.plan import ESTIMATOR_CODES, interpreting, tiling_for
 
 DTYPES = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
 # PTX patterns: Hopper tensor-core matmuls, IEEE (round-to-nearest) division, fused multiply-add.
@@ -88,7 +88,7 @@ def _check_not_interpreting() -> None:
 def compile_variant(v: Variant, arch: int = 90) -> Compiled:
     """Compile one kernel specialization for sm_<arch> (PTX + cubin)."""
     _check_not_interpreting()
-    from kernels import hadamard_quant as hq
+    from qat.kernels import hadamard_quant as hq
 
     t = tiling_for(v.dim, v.block)
     dt = DTYPES[v.dtype]
@@ -145,7 +145,7 @@ class LowbitVariant:
 
     @property
     def tiles(self) -> GemmTiles:
-        from kernels.lowbit_plan import gemm_tiles
+        from qat.kernels.lowbit_plan import gemm_tiles
 
         return gemm_tiles(integer=self.kernel == "int", m=self.m, n=self.n, k=self.k, segment=self.k, sms=H200_SMS)
 
@@ -173,8 +173,8 @@ LOWBIT_VARIANTS = [
 def compile_lowbit(v: LowbitVariant, arch: int = 90) -> Compiled:
     """Compile one low-bit GEMM specialization for sm_<arch>."""
     _check_not_interpreting()
-    from kernels import lowbit_gemm as lg
-    from kernels.lowbit_plan import row_bytes, segment_plan
+    from qat.kernels import lowbit_gemm as lg
+    from qat.kernels.lowbit_plan import row_bytes, segment_plan
 
     t, dt = v.tiles, DTYPES[v.dtype]
     bits, ternary = kernel_bits(v.bits)

@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.plan import ESTIMATOR_CODES, QuantScalars, Tiling, interpreting
+from qat.kernels.plan import ESTIMATOR_CODES, QuantScalars, Tiling, interpreting
 
 
 @triton.jit

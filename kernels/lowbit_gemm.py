@@ -33,8 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.lowbit_plan import TERNARY_RECIPROCALS
-from kernels.plan import interpreting
+from qat.kernels.lowbit_plan import TERNARY_RECIPROCALS
+from qat.kernels.plan import interpreting
 
 _R0, _R1, _R2, _R3, _R4 = (tl.constexpr(r) for r in TERNARY_RECIPROCALS)
 

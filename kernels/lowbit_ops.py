@@ -19,8 +19,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from kernels.lowbit_plan import GemmTiles, gemm_tiles, kernel_bits, row_bytes, segment_plan
-from kernels.plan import interpreting
+from qat.kernels.lowbit_plan import GemmTiles, gemm_tiles, kernel_bits, row_bytes, segment_plan
+from qat.kernels.plan import interpreting
 
 
 class IntForm(NamedTuple):
@@ -35,7 +35,7 @@ class IntForm(NamedTuple):
 
 @functools.cache
 def _kernels():
-    from kernels import lowbit_gemm
+    from qat.kernels import lowbit_gemm
 
     return lowbit_gemm
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from kernels.plan import interpreting
+from qat.kernels.plan import interpreting
 
 TERNARY_BITS = 1.58  # the bits spelling of the base-3 packing (5 codes per byte)
 DECODE_MAX_M = 16  # up to this many rows, one M block and split-K (a GEMV-like pass over W)
@@ -115,7 +115,7 @@ def gemm_tiles(*, integer: bool, m: int, n: int, k: int, segment: int, sms: int)
         # Decode: one M block; split K until ~2 programs per SM each stream their own slice.
         # 8 warps: a [K, 64] weight tile decoded in registers is 32-64 values a thread, and
         # the byte gathers of 3/5/6/7-bit and ternary codes (which cp.async cannot stage)
-        # are held in registers across the pipeline's stages (kernels.aot: no spills).
+        # are held in registers across the pipeline's stages (qat.kernels.aot: no spills).
         bk_default = 256 if integer else 128
         bk = _block_k_for(segment, bk_default, floor) if grouped else bk_default
         tiles_mn = -(-n // 64)

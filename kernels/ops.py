@@ -20,8 +20,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from kernels.plan import MAX_FUSED_BLOCK, QuantScalars, tiling_for
-from kernels.support import use_triton
+from qat.kernels.plan import MAX_FUSED_BLOCK, QuantScalars, tiling_for
+from qat.kernels.support import use_triton
 
 
 class FusedQuantized(NamedTuple):
@@ -37,7 +37,7 @@ class FusedQuantized(NamedTuple):
 def _triton_kernels():
     # Imported on first use: triton decides interpreter vs compiled mode when the kernels
     # are defined, so TRITON_INTERPRET must be read then, not when `kernels` is imported.
-    from kernels import hadamard_quant
+    from qat.kernels import hadamard_quant
 
     return hadamard_quant
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.plan import ESTIMATOR_CODES, interpreting
+from qat.kernels.plan import ESTIMATOR_CODES, interpreting
 
 BACKENDS = ("auto", "torch", "triton")
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

@@ -33,8 +33,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.kv_cache import KVCache
-from models.rope import RopeScaling, apply_rope, rope_table
+from qat.models.kv_cache import KVCache
+from qat.models.rope import RopeScaling, apply_rope, rope_table
 
 __all__ = ["Llama", "LlamaConfig", "RopeScaling", "apply_rope", "flops_per_token", "rope_table"]
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from models.llama import Llama, LlamaConfig
+from qat.models.llama import Llama, LlamaConfig
 
 
 @dataclass(frozen=True)

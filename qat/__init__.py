@@ -7,7 +7,18 @@ scripts start without importing torch.
 from __future__ import annotations
 
 import importlib
+import os
 from typing import TYPE_CHECKING, Any
+
+# The kernels and the plain model live in the checkout's top-level folders kernels/ and models/
+# and are imported as `qat.kernels` and `qat.models`: a top-level `kernels` is Hugging Face's
+# package (a dependency of transformers >= 5.25) and `models` is too generic to own. Neither
+# folder has an __init__.py, so a checkout on sys.path (`python train.py`, pytest from the root)
+# never shadows another distribution's package of that name: a regular package always wins over
+# a namespace portion. A wheel installs the two folders inside qat/ (pyproject's package-dir);
+# in a checkout, and in an editable install of it, they are found beside this package.
+if not os.path.isdir(os.path.join(__path__[0], "kernels")):
+    __path__.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 _EXPORTS = {
     "QuantizerConfig": "qat.quant.config",
@@ -29,6 +40,11 @@ _EXPORTS = {
     "QuantLinear": "qat.quant.linear",
     "Quantizer": "qat.quant.quantizer",
     "export_packed": "qat.packed.export",
+    "KVCache": "qat.models.kv_cache",
+    "Llama": "qat.models.llama",
+    "LlamaConfig": "qat.models.llama",
+    "MODEL_SIZES": "qat.models.sizes",
+    "llama_config": "qat.models.sizes",
     "load_packed": "qat.packed.load",
 }
 __all__ = sorted(_EXPORTS)
@@ -51,6 +67,9 @@ if TYPE_CHECKING:
     from qat.quant.grids import Grid, default_trust, make_grid, optimal_gaussian_scale, round_to_grid
     from qat.quant.hadamard import hadamard_matrix, hadamard_transform
     from qat.quant.linear import QuantLinear
+    from qat.models.kv_cache import KVCache
+    from qat.models.llama import Llama, LlamaConfig
+    from qat.models.sizes import MODEL_SIZES, llama_config
     from qat.packed.export import export_packed
     from qat.packed.load import load_packed
     from qat.quant.quantizer import Quantizer, fake_quantize

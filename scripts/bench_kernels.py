@@ -48,7 +48,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             ap.error(f"--{name} must be positive, got {getattr(args, name)}")
     if args.block < 2 or args.block & (args.block - 1) or any(d % args.block for d in args.dims):
         ap.error(f"--block must be a power of two dividing every --dims value, got {args.block} for {args.dims}")
-    from models import MODEL_SIZES
+    from qat.models.sizes import MODEL_SIZES
 
     unknown = [s for s in args.sizes if s not in MODEL_SIZES]
     if unknown:
@@ -194,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
 
-    from kernels.support import gpu_benchmark_unavailable
+    from qat.kernels.support import gpu_benchmark_unavailable
     from qat.io import atomic_write_json
 
     if why := gpu_benchmark_unavailable("bench_kernels.py"):

@@ -51,7 +51,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         ap.error("--gemm-m, --gemv-batch and --decode-tokens must be positive")
     if any(b > 16 for b in args.gemv_batch):
         ap.error(f"--gemv-batch {args.gemv_batch}: decode batches are 1..16")
-    from models import MODEL_SIZES
+    from qat.models.sizes import MODEL_SIZES
 
     if unknown := [s for s in args.sizes if s not in MODEL_SIZES]:
         ap.error(f"unknown --sizes {unknown}; allowed: {', '.join(MODEL_SIZES)}")
@@ -79,23 +79,25 @@ def packed_weight(n: int, k: int, bits: float, grid: str = "int"):
 def gemm_row(m: int, n: int, k: int, bits: int) -> dict:
     import torch
 
-    import kernels
+    from qat.kernels.lowbit_ops import IntForm, lowbit_dequant_matmul, lowbit_int_matmul
+    from qat.kernels.ops import fused_quantize_rows
+    from qat.kernels.plan import QuantScalars
     from qat.packed.format import integer_form
 
     g, packed, sw = packed_weight(n, k, bits)
     form = integer_form(g)
-    f = kernels.IntForm(*form[:4])
-    scalars = kernels.QuantScalars(g.gaussian_scale, float(g.center), 1.0, 1.0, "ste")
+    f = IntForm(*form[:4])
+    scalars = QuantScalars(g.gaussian_scale, float(g.center), 1.0, 1.0, "ste")
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-    qz = kernels.fused_quantize_rows(x, 128, scalars)
+    qz = fused_quantize_rows(x, 128, scalars)
 
     def gemm(q) -> object:
-        return kernels.lowbit_int_matmul(q.codes, f, q.scale.view(-1, 1), packed, bits, f, sw, divisor=form.divisor**2, out_dtype=torch.bfloat16)
+        return lowbit_int_matmul(q.codes, f, q.scale.view(-1, 1), packed, bits, f, sw, divisor=form.divisor**2, out_dtype=torch.bfloat16)
 
     with torch.inference_mode():
         t_bf16 = time_ms(lambda: torch.mm(x, w.T))
-        t_low = time_ms(lambda: gemm(kernels.fused_quantize_rows(x, 128, scalars)))
+        t_low = time_ms(lambda: gemm(fused_quantize_rows(x, 128, scalars)))
         t_gemm = time_ms(lambda: gemm(qz))
     flops = 2 * m * n * k
     return dict(kind=f"W{bits}A{bits}", M=m, N=n, K=k, bf16_ms=t_bf16, lowbit_ms=t_low, int_gemm_ms=t_gemm,
@@ -112,14 +114,16 @@ def copy_gbps() -> float:
 def gemv_row(batch: int, n: int, k: int, bits: float, copy: float) -> dict:
     import torch
 
-    import kernels
+    from qat.kernels.lowbit_ops import IntForm, lowbit_dequant_matmul, lowbit_int_matmul
+    from qat.kernels.ops import fused_quantize_rows
+    from qat.kernels.plan import QuantScalars
 
     g, packed, sw = packed_weight(n, k, bits)
     x = torch.randn(batch, k, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
     with torch.inference_mode():
         t_bf16 = time_ms(lambda: torch.mm(x, w.T))
-        t_low = time_ms(lambda: kernels.lowbit_dequant_matmul(x, packed, bits, sw, center=g.center))
+        t_low = time_ms(lambda: lowbit_dequant_matmul(x, packed, bits, sw, center=g.center))
     read = packed.numel() + 4 * sw.numel() + 2 * x.numel()
     gbps = read / t_low / 1e6
     return dict(kind=f"W{bits}A16", batch=batch, N=n, K=k, bf16_ms=t_bf16, lowbit_ms=t_low, GBps=gbps,
@@ -140,7 +144,8 @@ def _tokenizer(root: Path):
 def _bf16_llama(size: str):
     import torch
 
-    from models import Llama, llama_config
+    from qat.models.llama import Llama
+    from qat.models.sizes import llama_config
 
     torch.manual_seed(0)
     with torch.device("cuda"):
@@ -230,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
 
-    from kernels.support import gpu_benchmark_unavailable
+    from qat.kernels.support import gpu_benchmark_unavailable
     from qat.io import atomic_write_json
 
     if why := gpu_benchmark_unavailable("bench_lowbit.py"):

@@ -107,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--decode-tokens", type=int, default=200)
     ap.add_argument("--out", default="bench_packed.json", help="JSON results (written atomically)")
     args = ap.parse_args(argv)
-    from models import MODEL_SIZES
+    from qat.models.sizes import MODEL_SIZES
     from qat.io import atomic_write_json
     from qat.quant.bits import parse_bits
 

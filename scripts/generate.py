@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from qat.inference.generation import generate
+from qat.inference.generation import generate, sample_text
 from qat.inference.loading import load_model
 
 
@@ -52,8 +52,7 @@ def main(argv: list[str] | None = None) -> int:
             max_seq_len=model.net.cfg.max_seq_len, generator=gen, stop_id=tok.eos_id, use_cache=not args.no_cache,
         )  # fmt: skip
         seconds = time.perf_counter() - started
-        text = tok.decode([t for t in out if t != tok.eos_id])
-        print(f"--- sample {i} (step {model.step}) ---\n{args.prompt}{text}")
+        print(f"--- sample {i} (step {model.step}) ---\n{sample_text(tok, prompt, out)}")
         print(f"[{len(out)} tokens in {seconds:.2f} s: {len(out) / seconds:.1f} tokens/s, {model.source}]")
     return 0
 

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from models import Llama, llama_config
+from qat.models.llama import Llama
+from qat.models.sizes import llama_config
 from qat import QuantizerConfig, quantize_model
 from qat.train.alignment import alignment_metrics, gradient_alignment, quantizers_off
 

@@ -1,18 +1,24 @@
-"""The layering, checked on the source: no import cycles between files, `kernels/` below
-`qat/` (it imports neither `qat` nor `models`), `models/` knows nothing of quantization,
-the library never imports scripts, and `qat.scaling` imports without torch."""
+"""The layering, checked on the source: no import cycles between files, `qat.kernels` (the
+folder kernels/) below everything (it imports nothing else of `qat`), `qat.models` (models/)
+knows nothing of quantization, the library never imports scripts, `qat.scaling` imports
+without torch; and the import names: nothing is importable as a top-level `kernels` or
+`models`, so neither Hugging Face's `kernels` nor any other distribution is shadowed."""
 
 import ast
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("qat", "models", "kernels")
+MAPPED = {"kernels": "qat.kernels", "models": "qat.models"}  # folder -> import name (pyproject)
 
 
 def _module_name(path: Path) -> str:
     parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    parts = MAPPED.get(parts[0], parts[0]).split(".") + parts[1:]
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
@@ -76,8 +82,8 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_the_graph_sees_the_imports():
     graph = _graph()
-    assert "qat.quant.config" in graph["qat.quant.quantizer"] and "kernels" in graph["qat.quant.fused"]
-    assert "models" in graph["qat.train.lifecycle"] and "qat.train.lifecycle" in graph["train"]
+    assert "qat.quant.config" in graph["qat.quant.quantizer"] and "qat.kernels.support" in graph["qat.quant.fused"]
+    assert "qat.models.llama" in graph["qat.train.lifecycle"] and "qat.train.lifecycle" in graph["train"]
 
 
 def test_no_import_cycles_between_files():
@@ -90,10 +96,10 @@ def test_cycle_finder_finds_a_cycle():
 
 def test_kernels_are_the_lowest_layer_and_models_know_no_quantization():
     for name, deps in _graph().items():
-        if name.split(".")[0] == "kernels":
-            assert not {d for d in deps if d.split(".")[0] in ("qat", "models")}, name
-        if name.split(".")[0] == "models":
-            assert not {d for d in deps if d.split(".")[0] in ("qat", "kernels")}, name
+        if name.startswith("qat.kernels"):
+            assert all(d.startswith("qat.kernels.") for d in deps), (name, deps)
+        if name.startswith("qat.models"):
+            assert all(d.startswith("qat.models.") for d in deps), (name, deps)
         if name != "train":
             assert "train" not in deps, name
 
@@ -118,3 +124,59 @@ def test_scaling_imports_without_torch():
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+# ---- import names: nothing of ours answers to another distribution's top-level name ----------
+
+
+def test_mapped_folders_are_not_top_level_packages():
+    """A folder with an __init__.py on sys.path (the checkout root, for `python train.py` and
+    pytest) would shadow Hugging Face's `kernels`; a namespace portion never does."""
+    for folder in MAPPED:
+        assert not (ROOT / folder / "__init__.py").exists(), folder
+    for pkg in PACKAGES:
+        for path in [*(ROOT / pkg).rglob("*.py"), ROOT / "train.py", *(ROOT / "scripts").glob("*.py"), *(ROOT / "tests").glob("*.py")]:
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+                assert not [n for n in names if n.split(".")[0] in MAPPED], (path, names)
+
+
+def test_pyproject_lists_every_package():
+    import tomllib
+
+    cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    packages = {_module_name(p.parent) for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")}
+    packages = {p.removesuffix(".__init__") for p in packages}
+    assert set(cfg["packages"]) == packages
+    assert cfg["package-dir"] == {v: k for k, v in MAPPED.items()}
+
+
+_IMPORT_BOTH = """
+import sys
+order = sys.argv[1]
+if order == "transformers-first":
+    import transformers
+    from transformers import LlamaConfig
+import torch
+from qat import Quantizer, QuantizerConfig
+from qat.quant.fused import fused_unsupported_reason
+Quantizer(QuantizerConfig(bits=4))(torch.randn(2, 128))
+import qat.kernels.support, qat.models.llama
+import transformers
+from transformers import LlamaConfig
+import kernels
+assert not kernels.__file__ or not kernels.__file__.startswith(sys.argv[2]), kernels.__file__
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("order", ["transformers-first", "qat-first"])
+@pytest.mark.parametrize("where", ["root", "elsewhere"])
+def test_transformers_and_qat_import_together(order, where, tmp_path):
+    """Both orders, from the checkout root (on sys.path: `python -c`, pytest) and from elsewhere
+    (a notebook, another project): Hugging Face's `kernels` is the one transformers gets."""
+    pytest.importorskip("transformers")
+    cwd = ROOT if where == "root" else tmp_path
+    cmd = [sys.executable, "-c", _IMPORT_BOTH, order, str(ROOT / "kernels")]
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]

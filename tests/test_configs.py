@@ -147,8 +147,23 @@ def test_token_budget_sets_max_steps():
     from qat.train.run_config import resolve_max_steps
 
     cfg = _compose("data.batch_size=16", "data.seq_len=128", "trainer.accumulate_grad_batches=2")
-    assert resolve_max_steps(cfg, 1000) == cfg.trainer.max_steps
-    assert resolve_max_steps(_compose("max_tokens=40960", "data.batch_size=16", "data.seq_len=128"), 1000) == 20
+    assert resolve_max_steps(cfg, 1000).steps == cfg.trainer.max_steps
+    assert resolve_max_steps(_compose("max_tokens=40960", "data.batch_size=16", "data.seq_len=128"), 1000).steps == 20
     # 100 tokens per parameter for 426,624 parameters at 4,096 tokens per step -> ceil(10415.6)
     cfg = _compose("tokens_per_param=100", "data.batch_size=16", "data.seq_len=128", "trainer.accumulate_grad_batches=2")
-    assert resolve_max_steps(cfg, 426_624) == 10_416
+    budget = resolve_max_steps(cfg, 426_624)
+    assert budget.steps == 10_416 and budget.source.startswith("tokens_per_param=100: 42,662,400 tokens at 4,096 tokens per step")
+
+
+def test_max_steps_on_the_command_line_wins_over_a_config_budget():
+    """`experiment=qat_finetune ... trainer.max_steps=1` ran the experiment's 500M tokens."""
+    from qat.train.run_config import ConfigError, resolve_max_steps
+
+    typed = ["experiment=quest_30m_w4a4", "trainer.max_steps=1"]  # the experiment sets tokens_per_param=100
+    budget = resolve_max_steps(_compose(*typed), 1000, typed)
+    assert budget.steps == 1
+    assert budget.source == "trainer.max_steps=1 (command line); tokens_per_param=100 from the config is ignored"
+    assert resolve_max_steps(_compose(typed[0]), 1000, typed[:1]).source.startswith("tokens_per_param=100: 100,000 tokens")
+    for both in (["trainer.max_steps=5", "max_tokens=4096"], ["++trainer.max_steps=5", "+tokens_per_param=3"]):
+        with pytest.raises(ConfigError, match=r"^trainer.max_steps=5 and (max_tokens=4096|tokens_per_param=3) both set the length of the run on the command line; set one of them$"):
+            resolve_max_steps(_compose(*both), 1000, both)

@@ -20,7 +20,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from torch.distributed.fsdp import FullyShardedDataParallel
 
-from models.llama import Block
+from qat.models.llama import Block
 from qat.quant.linear import QuantLinear
 from qat.train.lifecycle import build_net
 from qat.train.strategies import QuantFSDPStrategy, fsdp_strategy

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from models import Llama, llama_config
+from qat.models.llama import Llama
+from qat.models.sizes import llama_config
 from qat import QuantizerConfig, quantize_model
 from qat.inference.generation import generate
 
@@ -43,3 +44,22 @@ def test_stop_token_and_empty_prompt():
     assert generate(net, [2, 3], 10, temperature=0, stop_id=first) == [first]
     with pytest.raises(ValueError, match="prompt is empty"):
         generate(net, [], 3)
+
+
+def test_sample_text_keeps_the_tokenizers_spacing(tmp_path):
+    """A word-level tokenizer's decoder inserts the spaces: the prompt and the continuation,
+    decoded apart and joined, ran together ("w10w66"); decoded as one sequence they do not."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from qat.data.tokenizer import HFTokenizer
+    from qat.inference.generation import sample_text
+
+    vocab = {"<|endoftext|>": 0, **{f"w{i}": i + 1 for i in range(80)}}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
+    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    raw.save(str(tmp_path / "words.json"))
+    tok = HFTokenizer(str(tmp_path / "words.json"))
+    prompt = tok.encode("w7 w8 w9 w10")
+    assert tok.decode(prompt) + tok.decode(tok.encode("w66 w71")) == "w7 w8 w9 w10w66 w71"  # the bug's shape
+    assert sample_text(tok, prompt, tok.encode("w66 w71") + [tok.eos_id]) == "w7 w8 w9 w10 w66 w71"
+    assert sample_text(tok, [tok.eos_id], tok.encode("w1 w2")) == "w1 w2"  # no prompt: start of a document

@@ -116,7 +116,7 @@ def test_import_without_the_rope_permutation_would_differ(checkpoints, monkeypat
 
 
 def test_default_rope_is_unchanged_without_scaling():
-    from models.rope import rope_frequencies
+    from qat.models.rope import rope_frequencies
 
     expected = 10000.0 ** (-torch.arange(0, 16, 2, dtype=torch.float64) / 16)
     assert torch.equal(rope_frequencies(16, 10000.0), expected)

@@ -27,8 +27,8 @@ if INTERPRET:
     os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are first built
 DEVICE = "cpu" if INTERPRET else "cuda"
 
-from kernels import MAX_FUSED_BLOCK  # noqa: E402
-from kernels.plan import kronecker_split, tiling_for  # noqa: E402
+from qat.kernels.plan import MAX_FUSED_BLOCK  # noqa: E402
+from qat.kernels.plan import kronecker_split, tiling_for  # noqa: E402
 from qat import Quantizer, QuantizerConfig, fake_quantize, hadamard_matrix, make_grid, round_to_grid  # noqa: E402
 from qat.quant.fused import fused_fake_quantize, kernel_scalars  # noqa: E402
 from qat.quant.quantizer import rotate as reference_rotate  # noqa: E402
@@ -281,7 +281,7 @@ def test_kronecker_split_reproduces_sylvester():
 
 _HOPPER_CHECK = """
 import json
-from kernels.aot import APPROX_DIV, FMA, IEEE_DIV, WGMMA, Variant, compile_variant
+from qat.kernels.aot import APPROX_DIV, FMA, IEEE_DIV, WGMMA, Variant, compile_variant
 out = []
 for v in (Variant("forward", "bf16", 4608, 128), Variant("forward", "fp32", 1024, 4096, "clip", True),
           Variant("forward", "fp16", 256, 8, "ste"), Variant("backward", "bf16", 1664, 128)):
@@ -369,7 +369,8 @@ def test_gpu_inductor_compiled_equals_eager():
 def test_gpu_quantized_model_step_triton_equals_torch():
     import torch.nn.functional as F
 
-    from models import Llama, llama_config
+    from qat.models.llama import Llama
+    from qat.models.sizes import llama_config
     from qat import quantize_model
 
     losses, grads = [], []

@@ -9,8 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models import Llama, LlamaConfig
-from models.kv_cache import KVCache
+from qat.models.llama import Llama, LlamaConfig
+from qat.models.kv_cache import KVCache
 
 SEQ_LEN = 24
 CONFIGS = {

@@ -2,7 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from models import Llama, llama_config
+from qat.models.llama import Llama
+from qat.models.sizes import llama_config
 from qat import QuantizerConfig, QuantLinear, quantize_model, quantizers
 
 W4 = QuantizerConfig(bits=4)

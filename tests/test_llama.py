@@ -7,9 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from models import MODEL_SIZES, Llama, LlamaConfig, flops_per_token, llama_config
-from models.llama import Attention, apply_rope, rope_table
-from models.sizes import non_embedding_params
+from qat.models.sizes import MODEL_SIZES, llama_config
+from qat.models.llama import Llama, LlamaConfig, flops_per_token
+from qat.models.llama import Attention, apply_rope, rope_table
+from qat.models.sizes import non_embedding_params
 
 QUEST_VOCAB = 50304
 

@@ -22,8 +22,9 @@ if INTERPRET:
     os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are first built
 DEVICE = "cpu" if INTERPRET else "cuda"
 
-from kernels import GemmTiles, IntForm, lowbit_dequant_matmul, lowbit_int_accumulators, lowbit_int_matmul  # noqa: E402
-from kernels.lowbit_plan import TERNARY_RECIPROCALS  # noqa: E402
+from qat.kernels.lowbit_plan import GemmTiles
+from qat.kernels.lowbit_ops import IntForm, lowbit_dequant_matmul, lowbit_int_accumulators, lowbit_int_matmul  # noqa: E402
+from qat.kernels.lowbit_plan import TERNARY_RECIPROCALS  # noqa: E402
 from qat.packed.format import dequantize, integer_form, levels_tensor, to_int8  # noqa: E402
 from qat.packed.linear import PackedLinear, forward_path, integer_matmul, layer_backend  # noqa: E402
 from qat.packed.packing import pack_codes  # noqa: E402
@@ -314,7 +315,7 @@ def test_scripts_refuse_triton_where_it_cannot_run(tmp_path, capsys, monkeypatch
 
 _HOPPER_CHECK = """
 import json
-from kernels.aot import S8_MMA, LowbitVariant, W8_INT, compile_lowbit
+from qat.kernels.aot import S8_MMA, LowbitVariant, W8_INT, compile_lowbit
 out = []
 for v in (LowbitVariant("int", 4, 4096), LowbitVariant("int", 8, 16, forms=(W8_INT, W8_INT)), LowbitVariant("dequant", 3, 1)):
     c = compile_lowbit(v)
@@ -341,7 +342,7 @@ def test_lowbit_kernels_compile_for_hopper_with_int8_mma_and_no_spills():
 
 @pytest.mark.slow
 def test_aot_report_checks_hold():
-    run = _without_interpreter(["-m", "kernels.aot"], timeout=900)
+    run = _without_interpreter(["-m", "qat.kernels.aot"], timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
     assert "checks: all hold" in run.stdout
 

@@ -16,7 +16,8 @@ from fractions import Fraction
 import pytest
 import torch
 
-from models import Llama, llama_config
+from qat.models.llama import Llama
+from qat.models.sizes import llama_config
 from qat.data.tokenizer import ByteTokenizer
 from qat.packed.export import export_packed
 from qat.packed.format import IntegerForm, integer_form, to_int8

@@ -156,7 +156,8 @@ def test_existing_output_needs_force_and_is_replaced_only_when_complete(tmp_path
 
 
 def test_export_refuses_an_uninitialised_learned_scale(tmp_path):
-    from models import Llama, llama_config
+    from qat.models.llama import Llama
+    from qat.models.sizes import llama_config
     from qat.quant.convert import quantize_model
 
     net = Llama(llama_config("debug-xs", vocab_size=257))

@@ -16,7 +16,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from torch import nn
 
-from models import Llama, llama_config
+from qat.models.llama import Llama
+from qat.models.sizes import llama_config
 from qat.data.tokenizer import ByteTokenizer
 from qat.quant.config import QuantizerConfig
 from qat.quant.convert import quantize_model

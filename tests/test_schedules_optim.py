@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from models import Llama, llama_config
+from qat.models.llama import Llama
+from qat.models.sizes import llama_config
 from qat import QuantizerConfig, quantize_model
 from qat.train.optim import decay_groups
 from qat.scaling.precision import precision_key

@@ -10,7 +10,8 @@ import pytest
 import torch
 from conftest import ROOT, run_train
 
-from models import Llama, llama_config
+from qat.models.llama import Llama
+from qat.models.sizes import llama_config
 from qat.quant.allocation import SENSITIVITY_COLUMNS
 from qat.quant.config import QuantizerConfig
 from qat.quant.convert import quantize_model

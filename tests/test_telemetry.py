@@ -5,7 +5,8 @@ import math
 import numpy as np
 import torch
 
-from models import Llama, llama_config
+from qat.models.llama import Llama
+from qat.models.sizes import llama_config
 from qat import Quantizer, QuantizerConfig, make_grid, optimal_gaussian_scale, quantization_mse, quantize_model
 from qat.train.telemetry import collect_stats, quantizer_stats, telemetry_metrics
 

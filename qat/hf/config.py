@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from models import LlamaConfig
-from models.rope import RopeScaling
+from qat.models.llama import LlamaConfig
+from qat.models.rope import RopeScaling
 
 MODEL_TYPE = "llama"
 ARCHITECTURE = "LlamaForCausalLM"

@@ -16,7 +16,7 @@ import re
 
 import torch
 
-from models import LlamaConfig
+from qat.models.llama import LlamaConfig
 
 # HF name inside model.layers.{i}. -> (our name inside layers.{i}., part of the fused qkv or None)
 LAYER_KEYS = {

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from models import Llama, LlamaConfig
+from qat.models.llama import Llama, LlamaConfig
 from qat.data.paths import absolute_path
 from qat.hf.config import llama_config_from_hf
 from qat.hf.convert import hf_shapes, our_target, qkv_rows, to_ours

@@ -21,6 +21,14 @@ def next_token(logits: torch.Tensor, temperature: float, top_k: int | None, gene
     return int(torch.multinomial(torch.softmax(logits, -1).cpu(), 1, generator=generator))
 
 
+def sample_text(tokenizer, prompt: Sequence[int], new: Sequence[int]) -> str:
+    """The prompt and its continuation as one text. Decoded as one sequence: a tokenizer whose
+    decoder inserts the spacing (word-level, SentencePiece's leading-space marks) would run the
+    two together if each were decoded on its own. Separator and begin-of-text ids are dropped."""
+    drop = {tokenizer.eos_id, getattr(tokenizer, "bos_id", None)}
+    return tokenizer.decode([t for t in [*prompt, *new] if t not in drop])
+
+
 @torch.no_grad()
 def generate(
     net: nn.Module,

@@ -136,7 +136,7 @@ def packed_config(net: nn.Module, tokenizer: Any, run_config: Mapping[str, Any],
 
 
 def _check_net(net: nn.Module, tokenizer: Any) -> None:
-    from models import LlamaConfig
+    from qat.models.llama import LlamaConfig
 
     if not isinstance(getattr(net, "cfg", None), LlamaConfig):
         raise ValueError(f"net {type(net).__name__} is not allowed; export needs a models.Llama (with a LlamaConfig .cfg)")

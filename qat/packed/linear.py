@@ -39,7 +39,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kernels
+from qat.kernels.lowbit_ops import IntForm, lowbit_dequant_matmul, lowbit_int_matmul
+from qat.kernels.lowbit_plan import lowbit_unsupported_reason
+from qat.kernels.plan import interpreting
 from qat.packed.format import (
     INPUT_LEVELS,
     INPUT_SCALE,
@@ -77,7 +79,7 @@ def layer_backend(backend: str, device: torch.device | str) -> str:
     "triton" (every packed layer must run on the kernels) or "auto" (those that can)."""
     _check_backend(backend)
     device = torch.device(device)
-    if backend == "triton" and not (device.type == "cuda" or (device.type == "cpu" and kernels.interpreting())):
+    if backend == "triton" and not (device.type == "cuda" or (device.type == "cpu" and interpreting())):
         raise ValueError(f"backend='triton' cannot run on device {device}: it needs CUDA, or the CPU with TRITON_INTERPRET=1")
     return "torch" if backend == "auto" and device.type != "cuda" else backend
 
@@ -205,7 +207,7 @@ class PackedLinear(nn.Module):
         """Why the low-bit kernels cannot run this layer (None: they can); asked once."""
         k, w, a = self.in_features, self.weight_cfg, self.activation_cfg
         integer = forward_path(w, a) == "integer"
-        return kernels.lowbit_unsupported_reason(
+        return lowbit_unsupported_reason(
             integer=integer, k=k, weight_group=k // scale_groups(k, w), input_group=k // scale_groups(k, a) if integer else k,
             dtype=str(self.weight_dtype).removeprefix("torch."),
         )  # fmt: skip
@@ -267,14 +269,14 @@ class PackedLinear(nn.Module):
             a = fake_quantize(x, self.activation_cfg, self.input_grid, self.input_scale)
         w_grid = self.weight_grid
         if not integer:
-            return kernels.lowbit_dequant_matmul(
+            return lowbit_dequant_matmul(
                 a.value, self.weight_codes, self.weight_cfg.bits, self.weight_scale, center=w_grid.center if w_grid.uniform else None,
                 levels=None if w_grid.uniform else self.weight_levels, positions=self.weight_positions, bias=self.bias,
             )  # fmt: skip
         a_form, w_form = integer_form(self.input_grid), integer_form(w_grid)
-        return kernels.lowbit_int_matmul(
-            a.codes, kernels.IntForm(*a_form[:4]), a.scale.reshape(x.shape[0], -1).float(), self.weight_codes,
-            self.weight_cfg.bits, kernels.IntForm(*w_form[:4]), self.weight_scale, divisor=a_form.divisor * w_form.divisor,
+        return lowbit_int_matmul(
+            a.codes, IntForm(*a_form[:4]), a.scale.reshape(x.shape[0], -1).float(), self.weight_codes,
+            self.weight_cfg.bits, IntForm(*w_form[:4]), self.weight_scale, divisor=a_form.divisor * w_form.divisor,
             bias=self.bias, out_dtype=x.dtype,
         )  # fmt: skip
 

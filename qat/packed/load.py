@@ -17,7 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from models import Llama, LlamaConfig
+from qat.models.llama import Llama, LlamaConfig
 from qat.packed.format import CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE
 from qat.packed.linear import PackedLinear, layer_backend
 from qat.quant.config import QuantizerConfig

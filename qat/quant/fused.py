@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import torch
 
-import kernels
+from qat.kernels.ops import fused_quantize_rows
+from qat.kernels.plan import MAX_FUSED_BLOCK, QuantScalars
+from qat.kernels.support import unsupported_config_reason, use_triton
 from qat.quant.config import QuantizerConfig
 from qat.quant.estimators import Quantized
 from qat.quant.grids import Grid
@@ -20,18 +22,18 @@ from qat.quant.hadamard import check_block, hadamard_transform
 
 def fused_unsupported_reason(cfg: QuantizerConfig) -> str | None:
     """None when the fused kernels cover this config, else why not (asked once per quantizer)."""
-    return kernels.unsupported_config_reason(
+    return unsupported_config_reason(
         enabled=cfg.enabled, grid=cfg.grid, scale=cfg.scale, estimator=cfg.estimator, granularity=cfg.granularity, sparsity=cfg.sparsity
     )
 
 
 def use_fused(cfg: QuantizerConfig, unsupported: str | None, x: torch.Tensor) -> bool:
     """The backend decision for one call (the config part, `unsupported`, decided earlier)."""
-    return kernels.use_triton(cfg.backend, unsupported, x)
+    return use_triton(cfg.backend, unsupported, x)
 
 
-def kernel_scalars(cfg: QuantizerConfig, grid: Grid) -> kernels.QuantScalars:
-    return kernels.QuantScalars(
+def kernel_scalars(cfg: QuantizerConfig, grid: Grid) -> QuantScalars:
+    return QuantScalars(
         scale_factor=grid.gaussian_scale, center=float(grid.center), trust=float(cfg.trust_radius(grid)),
         clip=float(cfg.clip_scale), estimator=cfg.estimator,
     )  # fmt: skip
@@ -46,9 +48,9 @@ def fused_fake_quantize(x: torch.Tensor, cfg: QuantizerConfig, grid: Grid, *, wi
     if cfg.rotation == "hadamard":
         block = cfg.block_for(x.shape[-1])
         check_block(x.shape[-1], block)
-        if block > kernels.MAX_FUSED_BLOCK:
+        if block > MAX_FUSED_BLOCK:
             # Too long for one program's registers: rotate first (same function, same rounding
             # to x's dtype as the torch path), then quantize unrotated.
             x, block = hadamard_transform(x, block), 0
-    qz = kernels.fused_quantize_rows(x, block, kernel_scalars(cfg, grid), with_codes=with_codes)
+    qz = fused_quantize_rows(x, block, kernel_scalars(cfg, grid), with_codes=with_codes)
     return Quantized(qz.value, qz.codes, qz.grad_mask, qz.scale.unsqueeze(-1))

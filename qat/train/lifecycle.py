@@ -15,7 +15,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from models import MODEL_SIZES, Llama, LlamaConfig, llama_config
+from qat.models.sizes import MODEL_SIZES, llama_config
+from qat.models.llama import Llama, LlamaConfig
 from qat.hf.load import check_checkpoint, load_hf_llama
 from qat.quant.config import QuantizerConfig
 from qat.quant.convert import default_filter, quantize_model

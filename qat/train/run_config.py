@@ -14,9 +14,9 @@ import contextlib
 import dataclasses
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
@@ -176,18 +176,39 @@ def check_batch_shape(cfg: DictConfig) -> None:
             _check_int(key, value, minimum)
 
 
-def resolve_max_steps(cfg: DictConfig, non_embedding_params: int) -> int:
-    """trainer.max_steps, or the steps that `tokens_per_param` / `max_tokens` ask for
-    (the one place max_steps is checked)."""
-    tokens = cfg.get("max_tokens")
-    if cfg.get("tokens_per_param") is not None:
-        tokens = cfg.tokens_per_param * non_embedding_params
-    if tokens is None:
-        steps = cfg.trainer.get("max_steps")
+class StepBudget(NamedTuple):
+    steps: int
+    source: str  # what decided the number, for the start-up summary and results.json
+
+
+def override_key(override: str) -> str:
+    """`trainer.max_steps` of a Hydra override such as `++trainer.max_steps=1`."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def resolve_max_steps(cfg: DictConfig, non_embedding_params: int, command_line: Sequence[str] = ()) -> StepBudget:
+    """trainer.max_steps, or the steps that `tokens_per_param` / `max_tokens` ask for (the one
+    place max_steps is checked). A trainer.max_steps typed on the command line wins over a
+    token budget that a config file set (an experiment's max_tokens): it is the user's explicit
+    ask, and `trainer.max_steps=1` that silently ran 488,282 steps was a trap. Both typed on the
+    command line contradict each other and are refused."""
+    typed = {override_key(o) for o in command_line}
+    budgets = {k: cfg.get(k) for k in ("max_tokens", "tokens_per_param") if cfg.get(k) is not None}
+    steps = cfg.trainer.get("max_steps")
+    if "trainer.max_steps" in typed or not budgets:
+        clash = sorted(k for k in budgets if k in typed)
+        if clash:
+            raise ConfigError(
+                f"trainer.max_steps={steps!r} and {clash[0]}={budgets[clash[0]]!r} both set the length of the run on the command line; set one of them"
+            )
         if not _is_int(steps) or steps < 1:
             raise ConfigError(f"trainer.max_steps={steps!r} must be an integer >= 1 (or set max_tokens / tokens_per_param)")
-        return int(steps)
-    return max(1, math.ceil(tokens / tokens_per_step(cfg)))
+        ignored = "".join(f"; {k}={v!r} from the config is ignored" for k, v in budgets.items())
+        return StepBudget(int(steps), f"trainer.max_steps={steps} ({'command line' if budgets or 'trainer.max_steps' in typed else 'config'}){ignored}")
+    ((key, value),) = budgets.items()  # RunConfig refuses both at once
+    tokens = value * non_embedding_params if key == "tokens_per_param" else value
+    per_step = tokens_per_step(cfg)
+    return StepBudget(max(1, math.ceil(tokens / per_step)), f"{key}={value!r}: {tokens:,.0f} tokens at {per_step:,} tokens per step")
 
 
 def strategy_name(cfg: DictConfig) -> str:

@@ -132,6 +132,6 @@ class QuantFSDPStrategy(FSDPStrategy):
 
 def fsdp_strategy(sharding_strategy: str = "FULL_SHARD", **kwargs: Any) -> QuantFSDPStrategy:
     """FSDP with one unit per transformer block (models.llama.Block), mixed precision from the Trainer."""
-    from models.llama import Block
+    from qat.models.llama import Block
 
     return QuantFSDPStrategy(sharding_strategy=sharding_strategy, auto_wrap_policy={Block}, **kwargs)
