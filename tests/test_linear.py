@@ -1,4 +1,5 @@
 import pytest
+import torch.nn.functional as F
 import torch
 from torch import nn
 
@@ -101,3 +102,79 @@ def test_quantized_model_compiles_without_graph_breaks(cfg):
     out.sum().backward()
     assert torch.allclose(out, eager, atol=1e-5)
     assert all(torch.allclose(p.grad, g, atol=1e-5) for p, g in zip(model.parameters(), grads))
+
+
+# ---- eval-time weight cache ------------------------------------------------------------------
+
+
+def _cached_layer(weight_cfg=None):
+    torch.manual_seed(0)
+    cfg = weight_cfg or QuantizerConfig(bits=4)
+    return QuantLinear(128, 32, bias=True, weight_config=cfg, input_config=QuantizerConfig(bits=4))
+
+
+def _uncached(layer, x):
+    return F.linear(layer.input_quantizer(x), layer.weight_quantizer(layer.weight), layer.bias)
+
+
+def test_eval_cache_is_bitwise_equal_and_reused():
+    layer, x = _cached_layer().eval(), torch.randn(5, 128)
+    with torch.no_grad():
+        first = layer(x)
+        cached = layer._weight_cache[1]
+        assert torch.equal(first, _uncached(layer, x))
+        assert torch.equal(layer(x), first) and layer._weight_cache[1] is cached  # reused, not recomputed
+    with torch.inference_mode():
+        assert torch.equal(layer(x), first)
+
+
+@pytest.mark.parametrize("change", ["optimizer step", "load_state_dict", "train()", "to(float64)", "in-place edit", "learned scale"])
+def test_eval_cache_is_invalidated(change):
+    weight_cfg = QuantizerConfig(bits=4, scale="lsq", estimator="lsq") if change == "learned scale" else None
+    layer, x = _cached_layer(weight_cfg), torch.randn(5, 128)
+    if change == "learned scale":  # LSQ initialises its scale on the first training forward
+        layer(x).sum().backward()
+    layer.eval()
+    with torch.no_grad():
+        before = layer(x)
+    if change == "optimizer step":
+        layer.train()
+        layer(x).square().sum().backward()
+        torch.optim.SGD(layer.parameters(), lr=0.5).step()
+        layer.eval()
+    elif change == "load_state_dict":
+        state = {k: v + 0.3 if k == "weight" else v for k, v in layer.state_dict().items()}
+        layer.load_state_dict(state)
+    elif change == "train()":
+        layer.train()
+        assert layer._weight_cache is None
+        layer.eval()
+    elif change == "to(float64)":
+        layer.double()
+        x = x.double()
+    elif change == "in-place edit":
+        with torch.no_grad():
+            layer.weight.mul_(-1)
+    else:
+        with torch.no_grad():
+            layer.weight_quantizer.scale.mul_(2)
+    with torch.no_grad():
+        after = layer(x)
+        assert torch.equal(after, _uncached(layer, x))
+    if change != "train()":
+        assert not torch.equal(after.double(), before.double())
+
+
+def test_training_is_unaffected_by_the_cache():
+    layer, x = _cached_layer(), torch.randn(5, 128)
+    layer.eval()
+    with torch.no_grad():
+        layer(x)
+    layer.train()
+    out = layer(x)
+    assert layer._weight_cache is None and out.requires_grad
+    out.sum().backward()
+    assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+    layer.eval()
+    out = layer(x)  # eval WITH autograd (e.g. gradient alignment): recomputed, differentiable
+    assert out.requires_grad and layer._weight_cache is None

@@ -4,6 +4,10 @@ With rotation="hadamard" both operands are rotated along the input (reduction) d
 quantized in the rotated basis; since (x H)(W H)^T = x W^T for orthogonal H, no inverse
 rotation is needed (QuEST's "half Hadamard"). The `weight` parameter keeps its name, so
 state dicts stay interchangeable with nn.Linear.
+
+In eval without autograd (validation, evaluation, generation) the quantized weight is computed
+once and reused: the weights do not change between decoding steps, and re-rotating and
+re-quantizing every matrix for every token was most of a decode step on a real model.
 """
 
 from __future__ import annotations
@@ -19,6 +23,11 @@ from qat.quant.config import QuantizerConfig
 from qat.quant.quantizer import Quantizer
 
 ConfigLike = QuantizerConfig | Mapping[str, Any] | None
+
+
+def _version_key(t: torch.Tensor) -> tuple | None:
+    # An inference tensor has no version counter: it could change in place unseen, so no cache.
+    return None if t.is_inference() else (id(t), t.data_ptr(), t._version, t.dtype, t.device)
 
 
 class QuantLinear(nn.Linear):
@@ -43,8 +52,32 @@ class QuantLinear(nn.Linear):
                 f"({a.rotation}, block {a.hadamard_block}) must match; a 16-bit side may still rotate"
             )
 
+        self._weight_cache: tuple[tuple, torch.Tensor] | None = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
+        return F.linear(self.input_quantizer(x), self.quantized_weight(), self.bias)
+
+    def quantized_weight(self) -> torch.Tensor:
+        """The fake-quantized weight in the rotated basis. Cached in eval without autograd, keyed
+        by the weight's identity, storage, dtype and in-place version (an optimizer step or
+        load_state_dict bumps it) and the same of the quantizer's learned scale; train() drops it.
+        Training, autograd and compiled graphs always recompute."""
+        if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return self.weight_quantizer(self.weight)
+        key = (_version_key(self.weight), *(_version_key(t) for t in (*self.weight_quantizer.parameters(), *self.weight_quantizer.buffers())))
+        if None in key:
+            return self.weight_quantizer(self.weight)
+        if self._weight_cache is None or self._weight_cache[0] != key:
+            self._weight_cache = (key, self.weight_quantizer(self.weight))
+        return self._weight_cache[1]
+
+    def train(self, mode: bool = True) -> QuantLinear:
+        self._weight_cache = None
+        return super().train(mode)
+
+    def _apply(self, fn, recurse: bool = True):  # .to() / .cuda() / .double(): the old copy is stale
+        self._weight_cache = None
+        return super()._apply(fn, recurse)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, weight_config: ConfigLike = None, input_config: ConfigLike = None) -> QuantLinear:
