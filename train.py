@@ -38,6 +38,7 @@ from qat.train.checkpoint import (
     LAST_CHECKPOINT,
     AtomicCheckpointIO,
     config_differences,
+    load_initial_weights,
     newest_checkpoint,
     remove_stale_temp_files,
 )
@@ -83,6 +84,7 @@ class Parts(NamedTuple):
     budget: StepBudget
     resume_from: Path | None
     start_step: int
+    init: dict | None  # init_from's record (None: the model's own init or a resume)
 
 
 def choose_resume(cfg: DictConfig, run_dir: Path, run: RunConfig) -> tuple[Path | None, int]:
@@ -134,8 +136,13 @@ def build(cfg: DictConfig, run_dir: Path, multirun: bool, overrides: Sequence[st
 
     # 2-3. The plain model (models/ knows nothing about quantization), then quantized.
     net = build_net(cfg, tokenizer.vocab_size)
+    init = None
+    if run.init_from and resume_from is None:  # a resumed run already holds trained weights
+        init = load_initial_weights(net, run.init_from)
     if local_rank() == 0:
         print("\n".join(quantization_summary(net)))
+        if init:
+            print(f"initial weights from {init['path']} (step {init['step']}{', ' + init['ptq'] if init['ptq'] else ''})")
         print(f"max_steps {budget.steps:,} from {budget.source}")
 
     # 4. Compile after quantization, in place (state-dict keys stay the plain model's).
@@ -151,7 +158,7 @@ def build(cfg: DictConfig, run_dir: Path, multirun: bool, overrides: Sequence[st
         flops_per_token=flops_per_token(net.cfg, cfg.data.seq_len),
         extra_checkpoint={"config": OmegaConf.to_container(cfg, resolve=True)},
     )
-    return Parts(run, module, datamodule, budget, resume_from, start_step)
+    return Parts(run, module, datamodule, budget, resume_from, start_step, init)
 
 
 def train(cfg: DictConfig, run_dir: Path, multirun: bool = False, overrides: list[str] | None = None) -> dict:
@@ -159,7 +166,7 @@ def train(cfg: DictConfig, run_dir: Path, multirun: bool = False, overrides: lis
         parts = build(cfg, run_dir, multirun, overrides or ())
     if parts is None:
         return read_results(run_dir)
-    run, module, datamodule, budget, resume_from, start_step = parts
+    run, module, datamodule, budget, resume_from, start_step, init = parts
     max_steps = budget.steps
 
     # 6. Trainer: checkpoints every N steps plus last, written atomically; telemetry; faults; record.
@@ -188,6 +195,8 @@ def train(cfg: DictConfig, run_dir: Path, multirun: bool = False, overrides: lis
     net = module.net
     record = RunRecord(run_dir, cfg, layer_precisions(net), quantization_metadata(net), trainer.global_rank, overrides or [])
     record.update(non_embedding_params=net.num_params(non_embedding=True), total_params=net.num_params(non_embedding=False), max_steps=max_steps, max_steps_source=budget.source)
+    if init:
+        record.update(init_from=init)
     trainer.callbacks.append(StepRecorder(record, tokens_per_step(cfg), every))
 
     # 7. Fit (resuming from the newest valid checkpoint of this run directory), then a final

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from qat.kernels.plan import ESTIMATOR_CODES, interpreting
+from qat.kernels.plan import ESTIMATOR_CODES, MAX_FUSED_BLOCK, interpreting
 
 BACKENDS = ("auto", "torch", "triton")
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -33,6 +33,14 @@ def unsupported_config_reason(*, enabled: bool, grid: str, scale: str, estimator
         (sparsity == "none", f"sparsity={sparsity!r} (supported: 'none')"),
     )
     return next((why for ok, why in rules if not ok), None)
+
+
+def kernel_rotates(block: int) -> bool:
+    """Whether the fused kernels rotate by Hadamard blocks of `block` themselves: Sylvester
+    blocks (powers of two) up to MAX_FUSED_BLOCK. Any other block, too long for one program's
+    registers or not a power of two (H_m ⊗ H_p with m a Paley order, a dense factor the kernel
+    does not build), is rotated by the caller first and quantized unrotated here (block 0)."""
+    return 0 < block <= MAX_FUSED_BLOCK and block & (block - 1) == 0
 
 
 def tensor_unsupported_reason(x: torch.Tensor) -> str | None:

@@ -128,7 +128,7 @@ def test_eval_cache_is_bitwise_equal_and_reused():
         assert torch.equal(layer(x), first)
 
 
-@pytest.mark.parametrize("change", ["optimizer step", "load_state_dict", "train()", "to(float64)", "in-place edit", "learned scale"])
+@pytest.mark.parametrize("change", ["optimizer step", "load_state_dict", "train()", "to(float64)", "in-place edit", "learned scale", "quantizer swapped"])
 def test_eval_cache_is_invalidated(change):
     weight_cfg = QuantizerConfig(bits=4, scale="lsq", estimator="lsq") if change == "learned scale" else None
     layer, x = _cached_layer(weight_cfg), torch.randn(5, 128)
@@ -155,6 +155,10 @@ def test_eval_cache_is_invalidated(change):
     elif change == "in-place edit":
         with torch.no_grad():
             layer.weight.mul_(-1)
+    elif change == "quantizer swapped":  # what layer sensitivity's probes do
+        from qat import Quantizer
+
+        layer.weight_quantizer = Quantizer(QuantizerConfig(bits=2))
     else:
         with torch.no_grad():
             layer.weight_quantizer.scale.mul_(2)

@@ -123,10 +123,14 @@ def test_hf_tokenizer_travels_with_the_model(tmp_path):
     fake = build_fake_quant(W4, W4, vocab_size=tok.vocab_size)
     out = export_packed(fake, tok, RUN_CONFIG, 3, tmp_path / "m")
     assert (out / "tokenizer.json").read_bytes() == (tmp_path / "tok.json").read_bytes()
-    assert json.loads((out / "config.json").read_text())["tokenizer"] == {"type": "hf", "file": "tokenizer.json", "eos_token": "<|endoftext|>"}
+    assert json.loads((out / "config.json").read_text())["tokenizer"] == {"type": "hf", "file": "tokenizer.json", "eos_token": "<|endoftext|>", "bos_token": None}
     (tmp_path / "tok.json").unlink()  # the export is self-contained
     loaded = load_packed(out).tokenizer
     assert loaded.encode("the cow sees two hens") == tok.encode("the cow sees two hens") and loaded.eos_id == 0
+    # A pretrained model's begin-of-text token travels too (it was dropped: every text lost its first id).
+    with_bos = HFTokenizer(str(out / "tokenizer.json"), bos_token="the")
+    loaded = load_packed(export_packed(fake, with_bos, RUN_CONFIG, 3, tmp_path / "bos")).tokenizer
+    assert loaded.bos_id == with_bos.bos_id and loaded.encode("two hens") == with_bos.encode("two hens") == [2, 5, 6]
 
 
 def test_existing_output_needs_force_and_is_replaced_only_when_complete(tmp_path, monkeypatch):

@@ -3,8 +3,9 @@ with `AutoModelForCausalLM.from_pretrained(DIR)` (no custom code) and `AutoToken
 
 weights="latent": the trained high-precision weights. weights="quantized": every quantized
 linear's weight as the layer multiplies it, Q(W H) H^T. Our layer computes (x H) Q(W H)^T;
-H (block Hadamard, or the identity without rotation) is symmetric and orthonormal, so with
-16-bit inputs that is x (Q(W H) H)^T: plain transformers then computes our model with
+H (block Hadamard, or the identity without rotation) is orthonormal (and symmetric for
+power-of-two blocks, not for every Paley block), so with 16-bit inputs that is
+x (Q(W H) H^T)^T: plain transformers then computes our model with
 quantized weights and unquantized activations. The activation quantizer cannot be expressed
 in plain transformers; config.json records it, and every quantizer setting, under
 `qat_quantization` (metadata only: transformers keeps the key and does nothing with it).
@@ -51,7 +52,9 @@ def quantized_weight(name: str, layer: QuantLinear) -> torch.Tensor:
     q = layer.weight_quantizer
     value = fake_quantize(layer.weight.detach(), q.cfg, q.grid, _learned_scale(q, name)).value
     if q.cfg.rotation == "hadamard":
-        value = hadamard_transform(value, q.cfg.hadamard_block)  # H^T = H = H^-1
+        # Back to the unrotated basis by H^T (= H^-1 for orthonormal H): a Paley block
+        # (e.g. H_344 ⊗ H_32 for 11008) is not symmetric, so H itself would be wrong there.
+        value = hadamard_transform(value, q.cfg.hadamard_block, inverse=True)
     return value
 
 

@@ -105,7 +105,8 @@ def tokenizer_entry(tokenizer: Any) -> dict[str, Any]:
     if isinstance(tokenizer, ByteTokenizer):
         return {"type": "bytes"}
     if isinstance(tokenizer, HFTokenizer):
-        return {"type": "hf", "file": TOKENIZER_FILE, "eos_token": tokenizer.eos_token}
+        # bos_token: a pretrained model's begin-of-text token, put before every text it encodes.
+        return {"type": "hf", "file": TOKENIZER_FILE, "eos_token": tokenizer.eos_token, "bos_token": tokenizer.bos_token}
     raise ValueError(f"tokenizer {type(tokenizer).__name__} is not allowed; export supports ByteTokenizer and HFTokenizer")
 
 
@@ -140,8 +141,9 @@ def _check_net(net: nn.Module, tokenizer: Any) -> None:
 
     if not isinstance(getattr(net, "cfg", None), LlamaConfig):
         raise ValueError(f"net {type(net).__name__} is not allowed; export needs a models.Llama (with a LlamaConfig .cfg)")
-    if getattr(tokenizer, "vocab_size", None) != net.cfg.vocab_size:
-        raise ValueError(f"tokenizer vocab_size={getattr(tokenizer, 'vocab_size', None)} does not match the model's vocab_size={net.cfg.vocab_size}")
+    # A pretrained checkpoint may pad its embedding table past the tokenizer (never the reverse).
+    if not isinstance(getattr(tokenizer, "vocab_size", None), int) or tokenizer.vocab_size > net.cfg.vocab_size:
+        raise ValueError(f"tokenizer vocab_size={getattr(tokenizer, 'vocab_size', None)} exceeds the model's vocab_size={net.cfg.vocab_size}")
 
 
 def export_packed(

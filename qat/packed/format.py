@@ -17,14 +17,16 @@ config.json
                     rope_scaling (null, or the llama3 {factor, low_freq_factor,
                     high_freq_factor, original_max_seq_len})
     tokenizer       {"type": "bytes"}: ids 0..255 are UTF-8 bytes, 256 ends a document; or
-                    {"type": "hf", "file": "tokenizer.json", "eos_token": "<|endoftext|>"}
+                    {"type": "hf", "file": "tokenizer.json", "eos_token": "<|endoftext|>",
+                    "bos_token": null or the token put before every encoded text (pretrained models)}
     layers          {layer name: entry} for every quantized linear (names as in the model,
                     e.g. "layers.0.attn.qkv"); an entry holds
         in_features K, out_features N, bias (true/false)
         weight, activation   the training quantizer configs: bits (1..8, 1.58 = ternary,
                     16 = not quantized), rotation ("none" | "hadamard"), hadamard_block
-                    (power of two or "full" = K), scale ("rms_mse" | "absmax" | "mse_search"
-                    | "lsq"), grid ("int" | "int_zero" | "gaussian" | "fp4"), estimator,
+                    (an order b dividing K, see "Decoding a weight", or "full" = K), scale
+                    ("rms_mse" | "absmax" | "mse_search" | "lsq"), grid ("int" | "int_zero"
+                    | "gaussian" | "fp4"), estimator,
                     trust, clip_scale (training only), granularity ("row" or a group size g),
                     sparsity ("none" | "2:4"), backend (training only)
         weight_dtype   the dtype the latent weight was trained in ("float32", "bfloat16", ...)
@@ -69,8 +71,15 @@ of its row or group (column k is in group k // g):
     gaussian, fp4   value = weight_levels[code] * s
 
 The result is W_rot = W H, the weight in the ROTATED basis: with rotation "hadamard",
-H = blockdiag(H_b / sqrt(b), ...) along K, H_b the Sylvester Hadamard matrix (H_1 = [1],
-H_2m = [[H_m, H_m], [H_m, -H_m]]) and b = hadamard_block; H = I with rotation "none".
+H = blockdiag(H_b / sqrt(b), ...) along K with b = hadamard_block; H = I with rotation "none".
+For b a power of two, H_b is the Sylvester Hadamard matrix (H_1 = [1], H_2m = [[H_m, H_m],
+[H_m, -H_m]]). Otherwise b = m * p with p the largest power of two such that H_m has a
+construction, and H_b = H_m ⊗ H_p (Kronecker, H_p Sylvester): H_m is Paley II of
+q = m/2 - 1 if that is a prime power = 1 mod 4, else Paley I of q = m - 1 (a prime power
+= 3 mod 4), else H_a ⊗ H_(m/a) for the smallest such a; over GF(q) built from the first
+irreducible polynomial. qat/quant/hadamard_orders.py states every choice (element order,
+polynomial search, matrix layout); e.g. 1536 = H_12 (Paley II, q = 5) ⊗ H_128 and 11008 =
+H_344 (Paley I, q = 343 = 7^3) ⊗ H_32. Paley I matrices are not symmetric: H^-1 = H^T.
 Since H is orthogonal, y = x W^T = (x H) W_rot^T.
 
 Running a layer

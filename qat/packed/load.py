@@ -67,7 +67,8 @@ def load_tokenizer(root: Path, entry: Mapping[str, Any]) -> Any:
     if kind == "bytes":
         return ByteTokenizer()
     if kind == "hf":
-        return HFTokenizer(str(root / _field(entry, "file", "config.json tokenizer")), _field(entry, "eos_token", "config.json tokenizer"))
+        file, eos = _field(entry, "file", "config.json tokenizer"), _field(entry, "eos_token", "config.json tokenizer")
+        return HFTokenizer(str(root / file), eos, entry.get("bos_token"))  # no bos_token: written before it existed
     raise ValueError(f"tokenizer type={kind!r} is not allowed; this code reads 'bytes' and 'hf'")
 
 
@@ -126,6 +127,6 @@ def load_packed(path: str | Path, device: str | torch.device = "cpu", backend: s
         net.get_submodule(name).check(name)
     net.requires_grad_(False).eval()
     tokenizer = load_tokenizer(root, _field(config, "tokenizer", CONFIG_FILE))
-    if tokenizer.vocab_size != model_cfg.vocab_size:
-        raise ValueError(f"the tokenizer's vocab_size={tokenizer.vocab_size} does not match the model's vocab_size={model_cfg.vocab_size}")
+    if tokenizer.vocab_size > model_cfg.vocab_size:  # a padded embedding table is fine
+        raise ValueError(f"the tokenizer's vocab_size={tokenizer.vocab_size} exceeds the model's vocab_size={model_cfg.vocab_size}")
     return PackedModel(net, tokenizer, _field(trained, "run_config", "config.json trained"), int(_field(trained, "step", "config.json trained")))

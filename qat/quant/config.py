@@ -17,6 +17,7 @@ from typing import Any
 from qat.quant.bits import NO_QUANT_BITS, parse_bits
 from qat.quant.estimators import ESTIMATORS
 from qat.quant.grids import GRIDS, Grid, grid_bits_error
+from qat.quant.hadamard_orders import has_construction
 from qat.quant.scales import SCALE_FITS
 
 # The allowed names come from the registries, so a new registered function is a new choice.
@@ -36,18 +37,17 @@ def _choice(field: str, value: Any, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"{field}={value!r} is not allowed; choose one of {', '.join(map(repr, allowed))}")
 
 
-def _is_power_of_two(n: int) -> bool:
-    return n >= 1 and n & (n - 1) == 0
-
-
 @dataclass
 class QuantizerConfig:
     """One fake quantizer. The defaults are QuEST's 4-bit quantizer.
 
     bits: 1..8, 1.58 (ternary {-s, 0, s}) or 16 (no quantization; the rotation, if any,
         still applies, so a 16-bit Hadamard layer is an exact reparametrisation).
-    rotation: "none" | "hadamard" (block Walsh-Hadamard along the last dim).
-    hadamard_block: power of two >= 2, or "full" (whole last dim, which must be a power of two).
+    rotation: "none" | "hadamard" (block Hadamard rotation along the last dim).
+    hadamard_block: an int >= 2 with a Hadamard construction, or "full" (the whole last dim,
+        which then needs one). Constructed: powers of two (Sylvester, the fast butterfly) and
+        m * 2^k with m a Paley order (q + 1 or 2(q + 1), q a prime power) or a product of
+        those: 576, 1536, 11008, 14336 all work (qat/quant/hadamard_orders.py).
     scale: "rms_mse" (c(bits)*RMS, MSE-optimal for a Gaussian) | "absmax" | "mse_search"
         (per-row search of the clip ratio minimising the actual squared error) | "lsq"
         (one learnable scale per tensor, initialised to c(bits)*RMS on the first batch).
@@ -83,8 +83,11 @@ class QuantizerConfig:
         _choice("sparsity", self.sparsity, SPARSITIES)
         _choice("backend", self.backend, BACKENDS)
         block = self.hadamard_block
-        if block != "full" and (isinstance(block, bool) or not isinstance(block, int) or block < 2 or not _is_power_of_two(block)):
-            raise ValueError(f"hadamard_block={block!r} is not allowed; use a power of two >= 2 or 'full'")
+        if block != "full" and (isinstance(block, bool) or not isinstance(block, int) or block < 2 or not has_construction(block)):
+            raise ValueError(
+                f"hadamard_block={block!r} is not allowed; use 'full' or an int >= 2 with a Hadamard construction: "
+                "m * 2^k with m = 1 or a Paley order (q + 1 for a prime power q = 3 mod 4, 2(q + 1) for q = 1 mod 4) or a product of those"
+            )
         gran = self.granularity
         if gran != "row" and (isinstance(gran, bool) or not isinstance(gran, int) or gran < 1):
             raise ValueError(f"granularity={gran!r} is not allowed; use 'row' or a positive group size")

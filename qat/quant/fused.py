@@ -3,8 +3,9 @@
 `kernels/` knows nothing of configs or grids; this file derives what the kernels take
 (the resolved Hadamard block, and the constants c(bits), grid centre, trust radius, clip)
 from the same config and grid that `fake_quantize` uses, so a kernel that matches
-`fake_quantize` matches training. Blocks longer than the kernel's register tile are rotated
-here first, by the same `hadamard_transform` as the torch path.
+`fake_quantize` matches training. Blocks longer than the kernel's register tile, and blocks
+that are not powers of two (1536 = 12 * 128: H_12 ⊗ H_128), are rotated here first, by the
+same `hadamard_transform` as the torch path.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from __future__ import annotations
 import torch
 
 from qat.kernels.ops import fused_quantize_rows
-from qat.kernels.plan import MAX_FUSED_BLOCK, QuantScalars
-from qat.kernels.support import unsupported_config_reason, use_triton
+from qat.kernels.plan import QuantScalars
+from qat.kernels.support import kernel_rotates, unsupported_config_reason, use_triton
 from qat.quant.config import QuantizerConfig
 from qat.quant.estimators import Quantized
 from qat.quant.grids import Grid
@@ -48,9 +49,11 @@ def fused_fake_quantize(x: torch.Tensor, cfg: QuantizerConfig, grid: Grid, *, wi
     if cfg.rotation == "hadamard":
         block = cfg.block_for(x.shape[-1])
         check_block(x.shape[-1], block)
-        if block > MAX_FUSED_BLOCK:
-            # Too long for one program's registers: rotate first (same function, same rounding
-            # to x's dtype as the torch path), then quantize unrotated.
+        if not kernel_rotates(block):
+            # Too long for one program's registers, or not a power of two (the kernel builds
+            # Sylvester blocks only; H_m ⊗ H_p is hadamard.py's dense-times-butterfly): rotate
+            # first with the torch path's own function (same rounding to x's dtype, autograd
+            # through it), then the kernel quantizes unrotated. Triton and torch then agree.
             x, block = hadamard_transform(x, block), 0
     qz = fused_quantize_rows(x, block, kernel_scalars(cfg, grid), with_codes=with_codes)
     return Quantized(qz.value, qz.codes, qz.grad_mask, qz.scale.unsqueeze(-1))

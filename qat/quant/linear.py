@@ -60,11 +60,13 @@ class QuantLinear(nn.Linear):
     def quantized_weight(self) -> torch.Tensor:
         """The fake-quantized weight in the rotated basis. Cached in eval without autograd, keyed
         by the weight's identity, storage, dtype and in-place version (an optimizer step or
-        load_state_dict bumps it) and the same of the quantizer's learned scale; train() drops it.
+        load_state_dict bumps it), the quantizer and its config, and the same of its learned
+        scale; train() drops it.
         Training, autograd and compiled graphs always recompute."""
         if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
             return self.weight_quantizer(self.weight)
-        key = (_version_key(self.weight), *(_version_key(t) for t in (*self.weight_quantizer.parameters(), *self.weight_quantizer.buffers())))
+        quantizer = self.weight_quantizer  # swapped or re-configured (sensitivity probes): a new key
+        key = (id(quantizer), quantizer.cfg, _version_key(self.weight), *(_version_key(t) for t in (*quantizer.parameters(), *quantizer.buffers())))
         if None in key:
             return self.weight_quantizer(self.weight)
         if self._weight_cache is None or self._weight_cache[0] != key:

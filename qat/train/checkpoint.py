@@ -50,6 +50,42 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu") -> Loaded
     return LoadedModel(net.to(device).eval(), tokenizer, cfg, int(ckpt["global_step"]))
 
 
+def write_model_checkpoint(path: str | Path, net: nn.Module, config: dict[str, Any], step: int = 0, **extra: Any) -> Path:
+    """A checkpoint of `net` that load_trained, the exporters and `init_from=` read like one
+    train.py wrote (no optimizer state: a run started from it begins at step 0). Atomic."""
+    ckpt = {
+        "config": config,
+        "quantization": quantization_metadata(net),
+        "state_dict": {NET_PREFIX + k: v.detach().cpu() for k, v in net.state_dict().items()},
+        "global_step": step,
+        **extra,
+    }
+    return atomic_write(path, lambda f: torch.save(ckpt, f))
+
+
+def load_initial_weights(net: nn.Module, path: str | Path) -> dict[str, Any]:
+    """Start a run from another checkpoint's weights (`init_from=`): every weight of the plain
+    model must be there with its shape; quantizer state (a learned scale) is taken where the
+    checkpoint has it with the same shape. Returns what to record: the file, its step and, for
+    a post-training checkpoint (scripts/ptq.py), its method."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"init_from={str(path)!r} does not exist (expected a checkpoint of train.py or scripts/ptq.py)")
+    ckpt = read_checkpoint(path)
+    saved = {k[len(NET_PREFIX) :]: v for k, v in ckpt.get("state_dict", {}).items() if k.startswith(NET_PREFIX)}
+    own = net.state_dict()
+    quantizer_state = ("_quantizer.", "rope_cache")
+    for key, value in own.items():
+        if key not in saved:
+            if any(q in key for q in quantizer_state):
+                continue
+            raise ValueError(f"init_from={str(path)!r} has no {key}: it is a checkpoint of another model")
+        if saved[key].shape != value.shape:
+            raise ValueError(f"init_from={str(path)!r}: {key} has shape {tuple(saved[key].shape)}, the model {tuple(value.shape)}")
+    net.load_state_dict({k: saved[k] for k in own if k in saved}, strict=False)
+    return {"path": str(path.resolve()), "step": int(ckpt["global_step"]), "ptq": ckpt.get("ptq", {}).get("method")}
+
+
 def saved_layer_configs(quant: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """checkpoint["quantization"]["layers"] as {name: {"weight", "activation"}}. Checkpoints
     from before per-layer rules hold a list of names, every layer at the top-level configs."""

@@ -69,7 +69,7 @@ def check_quantizable(net: nn.Module) -> None:
 
 # --- Hugging Face checkpoints (model=hf): architecture and weights from model.path -------------
 HF_MODEL = "hf"
-HF_MODEL_KEYS = ("size", "path", "peak_lr")
+HF_MODEL_KEYS = ("size", "path", "peak_lr", "hadamard_block")  # the last: read by the quant presets
 
 
 def is_hf_model(model: Mapping[str, Any]) -> bool:

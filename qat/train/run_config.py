@@ -119,6 +119,7 @@ class RunConfig:
     tokens_per_param: float | None = None
     resume: bool = True
     skip_completed: bool = False
+    init_from: str | None = None
     checkpoint: CheckpointConfig = CheckpointConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
 
@@ -130,15 +131,17 @@ class RunConfig:
             _check_bool(key, getattr(self, key))
         _check_positive_or_null("max_tokens", self.max_tokens)
         _check_positive_or_null("tokens_per_param", self.tokens_per_param)
+        if self.init_from is not None and (not isinstance(self.init_from, str) or not os.path.isfile(self.init_from)):
+            raise ConfigError(f"init_from={self.init_from!r} is not a file; give a checkpoint of train.py or scripts/ptq.py (or null)")
         if self.max_tokens is not None and self.tokens_per_param is not None:
             raise ConfigError(f"max_tokens={self.max_tokens!r} and tokens_per_param={self.tokens_per_param!r} both set a budget; set one of them")
 
     @classmethod
     def from_cfg(cls, cfg: DictConfig) -> RunConfig:
         """The schema's fields from the composed config (the groups are checked elsewhere)."""
-        keys = ("run_name", "seed", "compile", "max_tokens", "tokens_per_param", "resume", "skip_completed")
+        keys = ("run_name", "seed", "compile", "max_tokens", "tokens_per_param", "resume", "skip_completed", "init_from")
         fields = {k: OmegaConf.select(cfg, k) for k in keys}
-        fields = {k: v for k, v in fields.items() if v is not None or k in ("run_name", "max_tokens", "tokens_per_param")}
+        fields = {k: v for k, v in fields.items() if v is not None or k in ("run_name", "max_tokens", "tokens_per_param", "init_from")}
         return cls(**fields, checkpoint=_section(cfg, "checkpoint", CheckpointConfig), telemetry=_section(cfg, "telemetry", TelemetryConfig))
 
 
@@ -231,7 +234,7 @@ def check_launch(cfg: DictConfig, multirun: bool) -> None:
 
 # Top-level keys a composed config may have: the config groups, the schema's own keys, Hydra's.
 CONFIG_GROUPS = ("model", "quant", "data", "tokenizer", "trainer", "logger", "optimizer", "scheduler", "experiment", "sweep")
-SCHEMA_KEYS = ("run_name", "seed", "compile", "max_tokens", "tokens_per_param", "resume", "skip_completed", "checkpoint", "telemetry")
+SCHEMA_KEYS = ("run_name", "seed", "compile", "max_tokens", "tokens_per_param", "resume", "skip_completed", "init_from", "checkpoint", "telemetry")
 
 
 def check_known_keys(cfg: DictConfig) -> None:

