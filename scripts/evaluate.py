@@ -50,8 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-loss", action="store_true", help="skip the val-loss evaluation")
     p.add_argument("--out", help="write the metrics as JSON here")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--backend", choices=["auto", "torch", "triton"], default="auto",
-                   help="a packed model's kernels: auto = Triton on CUDA, torch on the CPU; triton on the CPU needs TRITON_INTERPRET=1")
+    p.add_argument("--backend", choices=["auto", "torch", "triton", "cpu"], default="auto",
+                   help="a packed model's kernels: auto = Triton on CUDA, the int4 kernel path on the CPU (cpu), torch = the reference; triton on the CPU needs TRITON_INTERPRET=1")
     p.add_argument("overrides", nargs="*", help="data overrides, e.g. data=local data.path=valid.jsonl")
     args = p.parse_args(argv)
     try:

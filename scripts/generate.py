@@ -31,8 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-cache", action="store_true", help="recompute the whole context for every token (slow; for checks)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--backend", choices=["auto", "torch", "triton"], default="auto",
-                   help="a packed model's kernels: auto = Triton on CUDA, torch on the CPU; triton on the CPU needs TRITON_INTERPRET=1")
+    p.add_argument("--backend", choices=["auto", "torch", "triton", "cpu"], default="auto",
+                   help="a packed model's kernels: auto = Triton on CUDA, the int4 kernel path on the CPU (cpu), torch = the reference; triton on the CPU needs TRITON_INTERPRET=1")
     args = p.parse_args(argv)
     if args.tokens < 1 or args.samples < 1:
         print(f"error: --tokens={args.tokens} and --samples={args.samples} must be >= 1", file=sys.stderr)

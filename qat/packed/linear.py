@@ -14,7 +14,12 @@ paths runs, chosen once per layer by `forward_path`:
   weight is decoded to the very values training used and a float matmul runs, so the
   output is the training layer's, operation for operation.
 
-Backends (`layer_backend`, decided once when a model is loaded): "torch" runs the above;
+Backends (`layer_backend`, decided once when a model is loaded): "torch" runs the above (the
+specification every other backend is tested against); "cpu" (what "auto" takes on the CPU)
+runs torch's int4 weight-packed matmul on the codes ("cpu-int4", qat/packed/cpu_int4.py: 1 to 4
+bits on a uniform grid) after the same activation quantization, and otherwise the dequantize
+computation with the decoded weight kept after the first call ("cpu-dequantize"): float math
+on the same values, so its outputs are the reference's up to float32 summation order;
 "triton" runs both paths as the fused kernels of `kernels` ("triton-integer": the input's
 rotation + quantization in one kernel, then an int8 tensor-core GEMM on the packed codes;
 "triton-dequantize": the packed weight decoded in registers inside a float GEMM), and fails
@@ -58,13 +63,14 @@ from qat.packed.format import (
     stored_codes_per_row,
     to_int8,
 )
+from qat.packed.cpu_int4 import Int4Weight, int4_linear, int4_unsupported_reason, pack_int4
 from qat.packed.packing import packed_bytes, unpack_codes
 from qat.quant.config import DEFAULT_CLIP_SCALE, QuantizerConfig
 from qat.quant.fused import fused_fake_quantize, fused_unsupported_reason
 from qat.quant.grids import make_grid
 from qat.quant.quantizer import fake_quantize, quantizer_grid
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "cpu")
 
 
 def _check_backend(backend: str) -> None:
@@ -74,14 +80,19 @@ def _check_backend(backend: str) -> None:
 
 def layer_backend(backend: str, device: torch.device | str) -> str:
     """The backend a model loaded on `device` gives its layers, decided once, at load: "auto"
-    is Triton on CUDA and torch elsewhere (the interpreter is for tests, asked for
-    explicitly); "triton" needs CUDA, or the CPU with TRITON_INTERPRET=1. Returns "torch",
-    "triton" (every packed layer must run on the kernels) or "auto" (those that can)."""
+    is Triton on CUDA, the fast CPU path on the CPU and torch elsewhere (the interpreter is for
+    tests, asked for explicitly); "triton" needs CUDA, or the CPU with TRITON_INTERPRET=1;
+    "cpu" the CPU. Returns "torch", "cpu", "triton" (every packed layer must run on the
+    kernels) or "auto" (those that can)."""
     _check_backend(backend)
     device = torch.device(device)
     if backend == "triton" and not (device.type == "cuda" or (device.type == "cpu" and interpreting())):
         raise ValueError(f"backend='triton' cannot run on device {device}: it needs CUDA, or the CPU with TRITON_INTERPRET=1")
-    return "torch" if backend == "auto" and device.type != "cuda" else backend
+    if backend == "cpu" and device.type != "cpu":
+        raise ValueError(f"backend='cpu' cannot run on device {device}; use 'auto' or 'torch'")
+    if backend == "auto" and device.type != "cuda":
+        return "cpu" if device.type == "cpu" else "torch"
+    return backend
 
 
 def forward_path(weight: QuantizerConfig, activation: QuantizerConfig, backend: str = "torch", kernel_reason: str | None = None) -> str:
@@ -94,6 +105,8 @@ def forward_path(weight: QuantizerConfig, activation: QuantizerConfig, backend: 
     _check_backend(backend)
     exact = all(c.enabled and c.sparsity == "none" and make_grid(c.bits, c.grid).uniform for c in (weight, activation))
     path = "integer" if exact else "dequantize"
+    if backend == "cpu":
+        return "cpu-int4" if kernel_reason is None else "cpu-dequantize"
     if backend == "torch" or not weight.enabled:
         return path
     if kernel_reason is None:
@@ -169,8 +182,12 @@ class PackedLinear(nn.Module):
         self.weight_cfg, self.activation_cfg = weight_cfg, activation_cfg
         self.weight_grid, self.input_grid = quantizer_grid(weight_cfg), quantizer_grid(activation_cfg)
         self.weight_dtype = _dtype(weight_dtype)
-        why = self._kernel_reason() if backend != "torch" and weight_cfg.enabled else None
+        if backend == "cpu":
+            why = int4_unsupported_reason(weight_cfg, self.weight_grid, out_features, in_features, scale_groups(in_features, weight_cfg), self.weight_dtype)
+        else:
+            why = self._kernel_reason() if backend != "torch" and weight_cfg.enabled else None
         self.path = forward_path(weight_cfg, activation_cfg, backend, why)
+        self._cpu_weight: Int4Weight | torch.Tensor | None = None  # built on the first cpu-* call
         self.fused_input = self._fused_input_cfg() if self.path.startswith("triton-") else None
         n, k = out_features, in_features
         packed = weight_cfg.enabled
@@ -244,10 +261,29 @@ class PackedLinear(nn.Module):
             value = value * keep  # as training: pruned entries are exactly zero
         return value.to(self.weight_dtype)
 
+    def _apply(self, fn, recurse: bool = True):  # a move or cast leaves the kept weight stale
+        self._cpu_weight = None
+        return super()._apply(fn, recurse)
+
+    def _cpu_forward(self, a: torch.Tensor) -> torch.Tensor:
+        """The "cpu-*" paths on the quantized input a [..., K]: int4 kernel or kept decoded weight."""
+        if self._cpu_weight is None:
+            with torch.no_grad():
+                if self.path == "cpu-int4":
+                    self._cpu_weight = pack_int4(self.unpacked_weight_codes(), self.weight_scale, self.weight_grid)
+                else:
+                    self._cpu_weight = self.dequantized_weight()
+        if self.path == "cpu-dequantize":
+            return F.linear(a, self._cpu_weight, self.bias)
+        y = int4_linear(a.reshape(-1, self.in_features), self._cpu_weight).reshape(*a.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.path.startswith("triton-"):
             return self._triton_forward(x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)
         a = fake_quantize(x, self.activation_cfg, self.input_grid, self.input_scale)
+        if self.path.startswith("cpu-"):
+            return self._cpu_forward(a.value)
         if self.path == "dequantize":
             return F.linear(a.value, self.dequantized_weight(), self.bias)
         k = self.in_features
