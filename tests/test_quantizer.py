@@ -272,3 +272,27 @@ def test_fields_that_would_be_ignored_are_rejected(fields, message):
         QuantizerConfig(**fields)
     QuantizerConfig(bits=16, **{k: v for k, v in fields.items() if k != "hadamard_block"})  # 16 bits: no estimator runs
 
+
+
+@pytest.mark.parametrize("bits, grid", [(4, "int_zero"), (8, "int_zero"), (3, "int"), (4, "gaussian")])
+def test_float16_scales_make_every_value_an_exact_float16_step_times_an_integer(bits, grid):
+    """scale_dtype='float16' (the GGUF presets): the unit step d is a float16 number, so the
+    trained weights are what a Q4_0 / Q8_0 block stores, bit for bit."""
+    from qat.quant.quantizer import fake_quantize
+
+    cfg = QuantizerConfig(bits=bits, grid=grid, rotation="none", granularity=32, scale_dtype="float16")
+    g = make_grid(bits, grid)
+    q = fake_quantize(torch.randn(16, 128, dtype=torch.float64) * 0.05, cfg)
+    unit = q.scale / (g.center if g.uniform else 1.0)
+    assert torch.equal(unit, unit.to(torch.float16).to(unit.dtype))
+    if g.uniform:
+        codes = q.value.unflatten(-1, (-1, 32)) / unit + g.center  # (code - center) * d / d + center
+        assert torch.equal(codes, codes.round())
+    assert (fake_quantize(torch.randn(16, 128, dtype=torch.float64) * 0.05, QuantizerConfig(bits=bits, grid=grid, rotation="none", granularity=32)).scale != 0).all()
+
+
+def test_float16_scales_are_refused_where_meaningless():
+    with pytest.raises(ValueError, match="scale_dtype='bfloat16' is not allowed"):
+        QuantizerConfig(scale_dtype="bfloat16")
+    with pytest.raises(ValueError, match="scale_dtype='float16' is not allowed with scale='lsq'"):
+        QuantizerConfig(scale="lsq", estimator="lsq", scale_dtype="float16")

@@ -26,6 +26,7 @@ LEARNABLE_SCALE = "lsq"
 ROTATIONS = ("none", "hadamard")
 SPARSITIES = ("none", "2:4")
 BACKENDS = ("auto", "torch", "triton")
+SCALE_DTYPES = ("float32", "float16")
 # Estimators whose backward trains the scale; they need a learnable scale and vice versa.
 LEARNABLE_SCALE_ESTIMATORS = ("lsq", "pact")
 DEFAULT_HADAMARD_BLOCK = 128
@@ -60,6 +61,9 @@ class QuantizerConfig:
     granularity: "row" (one scale per row of the last dim) or a group size dividing it.
     sparsity: "none" | "2:4" (keep the 2 largest magnitudes of every 4, after the rotation).
     backend: "auto" (Triton on CUDA when the combination is supported) | "torch" | "triton".
+    scale_dtype: "float32" | "float16": the grid's unit step (s / center on a uniform grid, s on
+        a level grid) rounded to float16 in every forward, so that each value is an exact
+        float16 step times an integer: what GGUF's Q4_0 / Q8_0 blocks store (quant=gguf_q4_0).
     """
 
     bits: int | float = 4
@@ -73,6 +77,7 @@ class QuantizerConfig:
     granularity: int | str = "row"
     sparsity: str = "none"
     backend: str = "auto"
+    scale_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         self.bits = parse_bits(self.bits)
@@ -82,6 +87,7 @@ class QuantizerConfig:
         _choice("estimator", self.estimator, tuple(ESTIMATORS))
         _choice("sparsity", self.sparsity, SPARSITIES)
         _choice("backend", self.backend, BACKENDS)
+        _choice("scale_dtype", self.scale_dtype, SCALE_DTYPES)
         block = self.hadamard_block
         if block != "full" and (isinstance(block, bool) or not isinstance(block, int) or block < 2 or not has_construction(block)):
             raise ValueError(
@@ -107,6 +113,8 @@ class QuantizerConfig:
             raise ValueError(
                 f"scale='lsq' is learnable but estimator={self.estimator!r} gives it no gradient; use estimator 'lsq' or 'pact'"
             )
+        if learnable and self.scale_dtype != "float32":
+            raise ValueError(f"scale_dtype={self.scale_dtype!r} is not allowed with scale='lsq' (a learned scale is not rounded); use 'float32'")
         if learnable and gran != "row":
             raise ValueError(f"granularity={gran!r} is not allowed with scale='lsq' (one learnable scale per tensor); use 'row'")
 

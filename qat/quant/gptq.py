@@ -22,7 +22,7 @@ import torch
 
 from qat.quant.config import QuantizerConfig
 from qat.quant.grids import Grid, round_to_grid
-from qat.quant.scales import SCALE_FITS, row_rms
+from qat.quant.scales import SCALE_FITS, round_scale, row_rms
 
 
 class GPTQResult(NamedTuple):
@@ -46,7 +46,7 @@ def gptq_unsupported_reason(cfg: QuantizerConfig) -> str | None:
 def fitted_scale(w: torch.Tensor, cfg: QuantizerConfig, grid: Grid) -> torch.Tensor:
     """The forward's scale for the rotated weight w [N, K]: one per row, or [N, K/g] per group."""
     groups = w if cfg.granularity == "row" else w.unflatten(-1, (-1, cfg.granularity))
-    scale = SCALE_FITS[cfg.scale](groups, row_rms(groups), grid)  # [..., 1]
+    scale = round_scale(SCALE_FITS[cfg.scale](groups, row_rms(groups), grid), grid, cfg.scale_dtype)  # [..., 1]
     return scale.squeeze(-1) if cfg.granularity != "row" else scale
 
 

@@ -23,7 +23,7 @@ from qat.quant.estimators import ESTIMATORS, EstimatorKnobs, Quantized
 from qat.quant.fused import fused_fake_quantize, fused_unsupported_reason, use_fused
 from qat.quant.grids import Grid, make_grid
 from qat.quant.hadamard import hadamard_transform
-from qat.quant.scales import SCALE_FITS, row_rms
+from qat.quant.scales import SCALE_FITS, round_scale, row_rms
 from qat.quant.sparsity import two_of_four_mask
 
 
@@ -68,7 +68,7 @@ def fake_quantize(x: torch.Tensor, cfg: QuantizerConfig, grid: Grid | None = Non
     if scale is None:
         if cfg.learnable_scale:
             raise ValueError("scale='lsq' is learned: pass the quantizer's scale (Quantizer.learned_scale)")
-        scale = SCALE_FITS[cfg.scale](xg.detach(), rms, grid)
+        scale = round_scale(SCALE_FITS[cfg.scale](xg.detach(), rms, grid), grid, cfg.scale_dtype)
     qz = ESTIMATORS[cfg.estimator](xg, scale, rms, grid, EstimatorKnobs(cfg.trust_radius(grid), cfg.clip_scale))
     value, codes, mask = qz.value.reshape(x.shape), qz.codes.reshape(x.shape), qz.grad_mask.reshape(x.shape)
     if keep is not None:

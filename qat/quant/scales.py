@@ -22,6 +22,16 @@ SCALE_FITS: dict[str, ScaleFit] = {}
 register_scale = registrar(SCALE_FITS)
 
 
+def round_scale(scale: torch.Tensor, grid: Grid, scale_dtype: str) -> torch.Tensor:
+    """The scale whose unit step (scale / center on a uniform grid) is a `scale_dtype` number.
+    The center is a power of two for every grid that a float16 format uses (Q4_0's 8, Q8_0's
+    128 on int_zero), so multiplying back is exact."""
+    if scale_dtype == "float32":
+        return scale
+    unit = grid.center if grid.uniform else 1.0
+    return (scale / unit).to(torch.float16).to(scale.dtype) * unit
+
+
 def row_rms(x: torch.Tensor) -> torch.Tensor:
     """sqrt(mean(x^2)) over the last dim (not mean-centred, as QuEST), clamped away from 0."""
     return x.square().mean(dim=-1, keepdim=True).sqrt().clamp_min(_TINY)
