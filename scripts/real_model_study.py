@@ -45,6 +45,9 @@ ARMS = [
     Arm("16-bit", "rtn", ["quant=bf16"]),
     *(Arm(f"rtn-{p}-{r}", "rtn", q + rot) for p, q in (("w8a8", W8A8), ("w4a16", W4A16), ("w4a4", W4A4)) for r, rot in (("none", NO_ROTATION), ("h64", BLOCK_64), ("full", []))),
     Arm("rtn-w2a16-full", "rtn", W2A16),
+    # The Gaussian-MSE scale clips a heavy-tailed row hard; without a rotation, absmax is the fair RTN.
+    Arm("rtn-w8a8-none-absmax", "rtn", [*W8A8, *NO_ROTATION, "quant.weight.scale=absmax"]),
+    Arm("rtn-w4a16-none-absmax", "rtn", [*W4A16, *NO_ROTATION, "quant.weight.scale=absmax"]),
     Arm("gptq-w4a16-full", "gptq", W4A16),
     Arm("gptq-w4a4-full", "gptq", W4A4),
     Arm("qat-w4a4-full-from-rtn", "qat", W4A4),
