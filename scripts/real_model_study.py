@@ -7,7 +7,8 @@ same held-out documents (`data=local`'s seeded split), and is timed with its pea
 child's own rusage). Arms: the 16-bit model as loaded; RTN at W8A8, W4A16 and W4A4 with no
 rotation, block 64 and full rotation, and W2A16 full; GPTQ at W4A16 and W4A4 (full rotation);
 QAT (full rotation, trust) at W4A4 from RTN and from GPTQ, W4A4 with STE, W4A16 and W2A16,
-each for --steps optimizer steps. `--arms` picks a subset (names as in the table); an arm whose
+each for --steps optimizer steps, and the same fine-tuning at 16 bits (QAT also adapts the model
+to the corpus; this arm measures that part alone). `--arms` picks a subset (names as in the table); an arm whose
 row is already in the CSV is skipped, so a killed study resumes. Writes <out>/results.csv and
 <out>/results.md (the table), each rewritten atomically after every arm.
 """
@@ -50,6 +51,8 @@ ARMS = [
     Arm("rtn-w4a16-none-absmax", "rtn", [*W4A16, *NO_ROTATION, "quant.weight.scale=absmax"]),
     Arm("gptq-w4a16-full", "gptq", W4A16),
     Arm("gptq-w4a4-full", "gptq", W4A4),
+    # The same fine-tuning at 16 bits: QAT adapts to the corpus too, and this arm separates that.
+    Arm("finetune-16-bit", "qat", ["quant=bf16"]),
     Arm("qat-w4a4-full-from-rtn", "qat", W4A4),
     Arm("qat-w4a4-full-from-gptq", "qat", W4A4, init="gptq-w4a4-full"),
     Arm("qat-w4a4-full-ste-from-rtn", "qat", [*W4A4, "quant.weight.estimator=ste"]),

@@ -167,3 +167,10 @@ def test_max_steps_on_the_command_line_wins_over_a_config_budget():
     for both in (["trainer.max_steps=5", "max_tokens=4096"], ["++trainer.max_steps=5", "+tokens_per_param=3"]):
         with pytest.raises(ConfigError, match=r"^trainer.max_steps=5 and (max_tokens=4096|tokens_per_param=3) both set the length of the run on the command line; set one of them$"):
             resolve_max_steps(_compose(*both), 1000, both)
+
+
+def test_an_experiment_keeps_the_quant_preset_a_user_picks():
+    """`experiment=qat_finetune quant=bf16` trained W4A4: the experiment set quant.bits=4."""
+    cfg = _compose("experiment=qat_finetune", "model.path=x", "quant=bf16")
+    assert cfg.quant.weight.bits == cfg.quant.activation.bits == 16
+    assert _compose("experiment=qat_finetune", "model.path=x").quant.weight.bits == 4

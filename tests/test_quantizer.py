@@ -296,3 +296,12 @@ def test_float16_scales_are_refused_where_meaningless():
         QuantizerConfig(scale_dtype="bfloat16")
     with pytest.raises(ValueError, match="scale_dtype='float16' is not allowed with scale='lsq'"):
         QuantizerConfig(scale="lsq", estimator="lsq", scale_dtype="float16")
+
+
+def test_float16_scales_of_an_all_zero_group_stay_finite():
+    from qat.quant.quantizer import fake_quantize
+
+    x = torch.randn(4, 64)
+    x[:, :32] = 0.0  # a whole Q4_0 block of zeros
+    q = fake_quantize(x, QuantizerConfig(bits=4, grid="int_zero", rotation="none", granularity=32, scale_dtype="float16"))
+    assert torch.isfinite(q.value).all() and torch.equal(q.value[:, :32], torch.zeros(4, 32))

@@ -24,12 +24,15 @@ register_scale = registrar(SCALE_FITS)
 
 def round_scale(scale: torch.Tensor, grid: Grid, scale_dtype: str) -> torch.Tensor:
     """The scale whose unit step (scale / center on a uniform grid) is a `scale_dtype` number.
-    The center is a power of two for every grid that a float16 format uses (Q4_0's 8, Q8_0's
-    128 on int_zero), so multiplying back is exact."""
+    Multiplying back is exact: a float16 step times the center (7 for Q4_0's int_zero grid,
+    127 for Q8_0's) needs at most 18 significant bits, and dividing by the center returns the
+    step exactly. A step below float16's smallest normal (an all-zero group) becomes that
+    number, not 0: a zero scale would divide 0 by 0."""
     if scale_dtype == "float32":
         return scale
     unit = grid.center if grid.uniform else 1.0
-    return (scale / unit).to(torch.float16).to(scale.dtype) * unit
+    step = (scale / unit).to(torch.float16).clamp_min(torch.finfo(torch.float16).tiny)
+    return step.to(scale.dtype) * unit
 
 
 def row_rms(x: torch.Tensor) -> torch.Tensor:
