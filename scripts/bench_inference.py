@@ -6,7 +6,8 @@
 One process, one model directory (any save_pretrained Llama). Rows: `transformers` fp32 (the
 reference), our unquantized import, fake-quant W4A4 and W4A16 (eval: the quantized weights are
 computed once and kept), and packed W4A4, W4A16 and W2A16 (exported and loaded as
-scripts/export.py and load_packed do; "auto" backend). Quantized rows use full Hadamard
+scripts/export.py and load_packed do; "auto" backend: float32 models keep the decoded weight,
+bfloat16 models run torch's int4 kernel). Quantized rows use full Hadamard
 rotation, the model=hf default. For each: greedy decoding at batch 1 (a short prompt is
 prefilled, then --tokens steps against the KV cache are timed) and a prefill of --prefill
 tokens (one forward), both in tokens/s and as a ratio to transformers measured in this run.
@@ -102,9 +103,9 @@ def build_rows(model_dir: str, tokens: int, prefill: int) -> list[tuple[str, Cal
         quantize_model(net, QuantizerConfig(bits=w, hadamard_block="full"), QuantizerConfig(bits=a, hadamard_block="full"))
         return net
 
-    def packed(w: int, a: int) -> torch.nn.Module:
+    def packed(w: int, a: int, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
         with tempfile.TemporaryDirectory() as tmp:
-            out = export_packed(fake(w, a).eval(), checkpoint_tokenizer(model_dir), {"model": {"path": model_dir}}, 0, Path(tmp) / "m")
+            out = export_packed(fake(w, a).to(dtype).eval(), checkpoint_tokenizer(model_dir), {"model": {"path": model_dir}}, 0, Path(tmp) / "m")
             return load_packed(out).net
 
     return [
@@ -114,6 +115,9 @@ def build_rows(model_dir: str, tokens: int, prefill: int) -> list[tuple[str, Cal
         ("packed W4A4", lambda: packed(4, 4)),
         ("packed W4A16", lambda: packed(4, 16)),
         ("packed W2A16", lambda: packed(2, 16)),
+        # bfloat16 models take torch's int4 kernel (fast only on bfloat16 activations)
+        ("packed W4A16, bfloat16 model (int4 kernel)", lambda: packed(4, 16, torch.bfloat16)),
+        ("packed W4A4, bfloat16 model (int4 kernel)", lambda: packed(4, 4, torch.bfloat16)),
     ]
 
 
@@ -172,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append((name, dec, pre))
         print(f"{name}: decode {dec:.1f} tokens/s ({dec / reference[0]:.2f}x), prefill {pre:.0f} tokens/s ({pre / reference[1]:.2f}x)", flush=True)
     llama_cpp = llama_cpp_rate(args.gguf, text, args.tokens) if args.gguf else None
-    header = f"{args.model}: {torch.get_num_threads()} threads, torch {torch.__version__}, decode {args.tokens} tokens, prefill {args.prefill}"
+    header = f"{Path(args.model).name}: {torch.get_num_threads()} threads, torch {torch.__version__}, decode {args.tokens} tokens, prefill {args.prefill}"
     out = table(rows, reference, llama_cpp, header)
     print(out)
     if args.update_doc:
