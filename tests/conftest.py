@@ -63,3 +63,13 @@ def run_train(run_dir: Path, *overrides: str, check: bool = True, env: dict | No
     if check and proc.returncode != 0:
         raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
+
+
+def refused(capsys, main, *args: str) -> str:
+    """A script's main(args) refused the input: exit code 2 and exactly one `error:` line; returns it."""
+    code = main(list(args))
+    err = capsys.readouterr().err
+    assert code == 2, err[-3000:]
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]

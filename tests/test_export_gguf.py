@@ -23,6 +23,8 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+
+from conftest import refused
 import torch
 
 gguf = pytest.importorskip("gguf")
@@ -294,15 +296,6 @@ def script_main(monkeypatch, tmp_path):
     spec.loader.exec_module(module)
     monkeypatch.chdir(tmp_path)
     return module.main
-
-
-def refused(capsys, main, *args: str) -> str:
-    code = main(list(args))
-    err = capsys.readouterr().err
-    assert code == 2, err[-3000:]
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
 
 
 @pytest.mark.parametrize(

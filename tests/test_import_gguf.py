@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from conftest import refused
 import torch
 
 gguf = pytest.importorskip("gguf")
@@ -261,15 +263,6 @@ def script_main(monkeypatch, tmp_path):
     spec.loader.exec_module(module)
     monkeypatch.chdir(tmp_path)
     return module.main
-
-
-def refused(capsys, main, *args: str) -> str:
-    code = main(list(args))
-    err = capsys.readouterr().err
-    assert code == 2, err[-3000:]
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
 
 
 def test_missing_file_not_a_gguf_and_bad_dtype_are_refused(script_main, capsys, tmp_path):
