@@ -73,13 +73,18 @@ def timed(cmd: list[str], log: Path) -> tuple[float, float]:
     return time.perf_counter() - started, usage.ru_maxrss / 2**20
 
 
-def arm_commands(arm: Arm, args: argparse.Namespace, out: Path) -> tuple[list[list[str]], Path]:
-    """The commands of one arm and the checkpoint it ends with."""
-    py = sys.executable
-    data = [
+def data_overrides(args: argparse.Namespace) -> list[str]:
+    """The one data config of every arm: the same documents, split and windows."""
+    return [
         "data=local", f"data.path={args.data}", f"data.seq_len={args.seq_len}", f"data.batch_size={args.batch_size}",
         f"data.val_batches={args.val_batches}", f"data.source.val_fraction={args.val_fraction}",
     ]  # fmt: skip
+
+
+def arm_commands(arm: Arm, args: argparse.Namespace, out: Path) -> tuple[list[list[str]], Path]:
+    """The commands of one arm and the checkpoint it ends with."""
+    py = sys.executable
+    data = data_overrides(args)
     if arm.method in ("rtn", "gptq"):
         ckpt = out / f"{arm.name}.ckpt"
         ptq = [py, str(ROOT / "scripts/ptq.py"), "--model", args.model, "--method", arm.method, "--out", str(ckpt), "--force", *arm.quant, *data]
@@ -99,10 +104,7 @@ def arm_commands(arm: Arm, args: argparse.Namespace, out: Path) -> tuple[list[li
 
 
 def evaluate(ckpt: Path, args: argparse.Namespace, log: Path) -> tuple[float, float, float]:
-    data = [
-        "data=local", f"data.path={args.data}", f"data.seq_len={args.seq_len}", f"data.batch_size={args.batch_size}",
-        f"data.val_batches={args.val_batches}", f"data.source.val_fraction={args.val_fraction}",
-    ]  # fmt: skip
+    data = data_overrides(args)
     metrics = log.with_suffix(".json")
     seconds, memory = timed([sys.executable, str(ROOT / "scripts/evaluate.py"), "--ckpt", str(ckpt), "--out", str(metrics), *data], log)
     return json.loads(metrics.read_text())["val"]["loss"], seconds, memory
