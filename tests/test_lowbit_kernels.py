@@ -209,8 +209,10 @@ def test_bad_inputs_raise():
 def test_backend_rule(monkeypatch):
     q = QuantizerConfig
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # read by the rule, not by already-built kernels
-    assert layer_backend("auto", "cpu") == "torch" and layer_backend("torch", "cpu") == "torch"
-    assert layer_backend("auto", "cuda") == "auto"
+    assert layer_backend("auto", "cpu") == "cpu" and layer_backend("torch", "cpu") == "torch"
+    assert layer_backend("auto", "cuda") == "auto" and layer_backend("auto", "meta") == "torch"
+    with pytest.raises(ValueError, match="backend='cpu' cannot run on device cuda"):
+        layer_backend("cpu", "cuda")
     assert layer_backend("triton", "cpu") == "triton"  # the interpreter is on in this file
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="backend='triton' cannot run on device cpu"):

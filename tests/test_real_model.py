@@ -109,12 +109,13 @@ def test_gptq_then_w4a4_qat_with_full_rotation_then_export(two_blocks, tmp_path)
 
 
 def test_deep_model_parity_of_the_packed_export(full_model, tmp_path):
-    """All 30 blocks at W4A4: the packed model's own integer-exact arithmetic and the fp32
-    fake-quant forward round some activations differently (a value within float error of a
-    rounding boundary), and in 30 layers of 4-bit activations the flips cascade. Codes of the
-    weights are exact; logits differ; the quality (perplexity) is the same within the bound
-    below, measured on this README's English text (2026-12-06, 2-core AMD EPYC: loss 5.1967
-    fake-quant, 5.1992 packed, top-1 agreement 0.648, max logit difference 52% of the max)."""
+    """All 30 blocks at W4A4, in float64: the packed model's integer arithmetic computes the
+    fake-quant forward. In float32 the two round some activations differently (a value within
+    float error of a rounding boundary) and in 30 layers of 4-bit activations the flips cascade,
+    differently on each CPU: the float32 fake-quant loss on this text was 5.197 on an AMD EPYC
+    and 5.354 on an Intel CI machine, the float64 one 5.3005 (2026-12-06). In float64 no value
+    sits that close to a boundary, so both paths agree to float error on any x86-64 CPU
+    (measured: max logit difference 5e-14 of the max, every top-1 token equal)."""
     import torch
     import torch.nn.functional as F
 
@@ -126,7 +127,7 @@ def test_deep_model_parity_of_the_packed_export(full_model, tmp_path):
 
     full = full_model
     tokenizer = checkpoint_tokenizer(str(full))
-    net = load_hf_llama(full)
+    net = load_hf_llama(full).double()
     w4 = QuantizerConfig(bits=4, hadamard_block="full")
     quantize_model(net, w4, w4)
     net.eval()
@@ -139,5 +140,6 @@ def test_deep_model_parity_of_the_packed_export(full_model, tmp_path):
     agreement = (fake_logits.argmax(-1) == packed_logits.argmax(-1)).float().mean().item()
     relative_logit = ((fake_logits - packed_logits).abs().max() / fake_logits.abs().max()).item()
     print(f"deep parity: loss fake {fake_loss:.4f} packed {packed_loss:.4f}, top-1 agreement {agreement:.3f}, max logit difference {relative_logit:.3f} of the max")
-    assert abs(math.exp(packed_loss) - math.exp(fake_loss)) < 0.03 * math.exp(fake_loss)
-    assert agreement > 0.5
+    assert packed_logits.dtype == torch.float64
+    assert relative_logit < 1e-9 and agreement == 1.0
+    assert abs(packed_loss - fake_loss) < 1e-9
