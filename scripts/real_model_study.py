@@ -58,6 +58,8 @@ ARMS = [
     Arm("qat-w4a4-full-ste-from-rtn", "qat", [*W4A4, "quant.weight.estimator=ste"]),
     Arm("qat-w4a16-full-from-rtn", "qat", W4A16),
     Arm("qat-w2a16-full-from-rtn", "qat", W2A16),
+    # llama.cpp's Q4_0, trained as the file stores it (scripts/gguf_study.py measures it in llama.cpp)
+    Arm("qat-gguf-q4_0", "qat", ["quant=gguf_q4_0"]),
 ]
 FIELDS = ["arm", "method", "quant", "tokens_seen", "val_loss", "val_ppl", "wall_s", "eval_s", "peak_mem_gib", "command"]
 

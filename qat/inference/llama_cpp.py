@@ -1,0 +1,107 @@
+"""llama.cpp as a measuring instrument, through llama-cpp-python (`pip install -e ".[llamacpp]"`):
+its own post-training quantizer, its perplexity on given token windows and its decode speed.
+
+Token ids are fed to llama.cpp directly, never text: every model scores the same tokens as our
+evaluation does (`scripts/evaluate.py`), whatever llama.cpp's tokenizer would make of the text.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qat.inference.compare import quiet_native_stderr  # llama.cpp logs every tensor to fd 2
+
+# llama.cpp's post-training targets (llama_ftype) and the types its embedding and output head
+# may be given (ggml_type); llama.cpp's QAT conversion keeps both in Q8_0.
+QUANTIZE_TARGETS = {"q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "q4_1": "LLAMA_FTYPE_MOSTLY_Q4_1", "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0"}
+EMBEDDING_TARGETS = {"q8_0": "GGML_TYPE_Q8_0", "f16": "GGML_TYPE_F16"}
+
+
+def require_llama_cpp() -> Any:
+    try:
+        import llama_cpp
+    except ImportError as err:
+        raise ValueError('llama-cpp-python is not installed; pip install -e ".[llamacpp]" (it builds llama.cpp, about 7 minutes)') from err
+    return llama_cpp
+
+
+def quantize_gguf(src: str | Path, out: str | Path, target: str = "q4_0", embeddings: str = "q8_0", threads: int | None = None) -> Path:
+    """llama.cpp's own quantizer (what `llama-quantize` runs): every linear of `src` to `target`,
+    the token embedding and output head to `embeddings`. Written beside `out`, renamed when done."""
+    if target not in QUANTIZE_TARGETS:
+        raise ValueError(f"target={target!r} is not allowed; choose one of {', '.join(QUANTIZE_TARGETS)}")
+    if embeddings not in EMBEDDING_TARGETS:
+        raise ValueError(f"embeddings={embeddings!r} is not allowed; choose one of {', '.join(EMBEDDING_TARGETS)}")
+    if not Path(src).is_file():
+        raise ValueError(f"{src} is not a GGUF file")
+    llama_cpp = require_llama_cpp()
+    out = Path(out)
+    partial = out.with_name(out.name + ".partial")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, QUANTIZE_TARGETS[target])
+    params.token_embedding_type = params.output_tensor_type = getattr(llama_cpp, EMBEDDING_TARGETS[embeddings])
+    params.nthread = threads or os.cpu_count() or 1
+    with quiet_native_stderr():
+        status = llama_cpp.llama_model_quantize(str(src).encode(), str(partial).encode(), params)
+    if status != 0:
+        partial.unlink(missing_ok=True)
+        raise RuntimeError(f"llama.cpp's quantizer failed on {src} (status {status})")
+    os.replace(partial, out)
+    return out
+
+
+@contextlib.contextmanager
+def opened(path: str | Path, n_ctx: int, threads: int, logits_all: bool = False) -> Iterator[Any]:
+    llama_cpp = require_llama_cpp()
+    with quiet_native_stderr():
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=logits_all, n_threads=threads, verbose=False, seed=0)
+    try:
+        yield llm
+    finally:
+        llm.close()
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def window_loss(path: str | Path, windows: Sequence[Sequence[int]], threads: int = 1) -> dict[str, float]:
+    """Mean next-token cross-entropy over windows of token ids, each scored from its own start
+    (window[:-1] in, window[1:] predicted), as our `loss_over` scores (inputs, targets) rows."""
+    if not windows or min(len(w) for w in windows) < 2:
+        raise ValueError("windows must be a non-empty list of token sequences of length >= 2")
+    total, count = 0.0, 0
+    with opened(path, max(len(w) for w in windows), threads, logits_all=True) as llm:
+        for window in windows:
+            llm.reset()
+            llm.eval(list(window[:-1]))
+            logp = _log_softmax(np.asarray(llm.scores[: len(window) - 1]))
+            total -= float(logp[np.arange(len(window) - 1), np.asarray(window[1:])].sum())
+            count += len(window) - 1
+    return {"loss": total / count, "perplexity": math.exp(total / count), "tokens": count}
+
+
+def speed(path: str | Path, prompt: Sequence[int], tokens: int, threads: int = 1) -> dict[str, float]:
+    """llama.cpp's greedy decode rate (batch 1, one token per call, as `generate.py` decodes) and
+    its prefill rate over `prompt`, in tokens/s; the best of two runs of each."""
+    decode, prefill = math.inf, math.inf
+    with opened(path, len(prompt) + tokens, threads) as llm:
+        for _ in range(2):
+            llm.reset()
+            started = time.perf_counter()
+            llm.eval(list(prompt))
+            prefill = min(prefill, time.perf_counter() - started)
+            started = time.perf_counter()
+            for _ in range(tokens):
+                llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+            decode = min(decode, time.perf_counter() - started)
+    return {"decode_tokens_per_s": tokens / decode, "prefill_tokens_per_s": len(prompt) / prefill}

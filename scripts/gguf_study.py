@@ -1,0 +1,144 @@
+"""QAT for llama.cpp's Q4_0 against llama.cpp's own post-training Q4_0, measured in llama.cpp.
+
+    python train.py quant=bf16 ...        RUN16     # the 16-bit fine-tuning
+    python train.py quant=gguf_q4_0 ...   RUNQ4     # QAT for Q4_0, the same data and tokens
+    python scripts/gguf_study.py --baseline-ckpt RUN16/checkpoints/last.ckpt \\
+        --qat-ckpt RUNQ4/checkpoints/last.ckpt --out STUDY [--tokenizer-gguf SRC.gguf]
+
+Three GGUF files, each scored by llama.cpp on the same held-out token windows (the QAT
+checkpoint's own validation data, the windows `scripts/evaluate.py --ckpt` scores):
+  16-bit     the baseline: F32 linears, F16 embedding and head (scripts/export_gguf.py);
+  PTQ Q4_0   that file through llama.cpp's quantizer (`llama-quantize`'s Q4_0, embedding and
+             head in Q8_0 as llama.cpp's QAT targets keep them);
+  QAT Q4_0   the QAT checkpoint through scripts/export_gguf.py (Q8_0 embedding and head).
+Reported per file: size, llama.cpp's perplexity, ours on the same windows (PyTorch, fake-quant)
+where a checkpoint exists, llama.cpp's decode and prefill tokens/s; and the headline, the share
+of the post-training perplexity increase that QAT removes: (PTQ - QAT) / (PTQ - 16-bit).
+Writes STUDY/results.md and STUDY/results.json (atomically); bad input is one `error:` line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from qat.inference.evaluation import loss_over
+from qat.inference.llama_cpp import quantize_gguf, require_llama_cpp, speed, window_loss
+from qat.io import atomic_write_json, atomic_write_text
+from qat.packed.gguf_export import export_gguf
+from qat.train.checkpoint import load_trained, read_checkpoint
+
+
+def heldout_batches(ckpt: str | Path, limit: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The checkpoint's own validation (x, y) batches, the first `limit` of them."""
+    loaded = load_trained(ckpt)
+    dm = instantiate(OmegaConf.create(loaded.config)["data"], tokenizer=loaded.tokenizer)
+    dm.prepare_data()
+    dm.setup("validate")
+    batches = []
+    for x, y in dm.val_dataloader():
+        if len(batches) == limit:
+            break
+        batches.append((x, y))
+    if not batches:
+        raise ValueError(f"{ckpt}: its data config yields no validation batches")
+    return batches
+
+
+def windows_of(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> list[list[int]]:
+    """Each (x, y) row as one token window x + y[-1] (y is x shifted by one)."""
+    windows = []
+    for x, y in batches:
+        if not torch.equal(x[:, 1:], y[:, :-1]):
+            raise ValueError("validation targets are not the inputs shifted by one token")
+        windows += torch.cat([x, y[:, -1:]], dim=1).tolist()
+    return windows
+
+
+def our_loss(ckpt: str | Path, batches: list) -> float:
+    return loss_over(load_trained(ckpt).net, batches)["loss"]
+
+
+def markdown(rows: list[dict], removed: float) -> str:
+    lines = [
+        "| model | file (MiB) | llama.cpp ppl | ours (PyTorch) ppl | llama.cpp decode (tok/s) | llama.cpp prefill (tok/s) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        ours = f"{math.exp(r['our_loss']):.2f}" if r["our_loss"] is not None else "n/a"
+        lines.append(
+            f"| {r['model']} | {r['bytes'] / 2**20:.1f} | {math.exp(r['llama_cpp_loss']):.2f} | {ours} "
+            f"| {r['decode_tokens_per_s']:.1f} | {r['prefill_tokens_per_s']:.1f} |"
+        )
+    lines.append("")
+    lines.append(f"QAT removes {100 * removed:.1f}% of the perplexity increase of llama.cpp's post-training Q4_0 ((PTQ - QAT) / (PTQ - 16-bit)).")
+    return "\n".join(lines) + "\n"
+
+
+def check_weight_bits(flag: str, ckpt: str, bits: float, preset: str) -> None:
+    """A checkpoint of the wrong kind is refused before anything is written."""
+    found = read_checkpoint(Path(ckpt))["quantization"]["weight"]["bits"]
+    if found != bits:
+        raise ValueError(f"--{flag}={ckpt!r} has {found:g}-bit weights; this arm needs {bits:g} (train it with quant={preset})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--baseline-ckpt", required=True, help="the 16-bit run's checkpoint (quant=bf16)")
+    p.add_argument("--qat-ckpt", required=True, help="the QAT run's checkpoint (quant=gguf_q4_0)")
+    p.add_argument("--out", required=True, help="study directory: the three GGUF files, results.md, results.json")
+    p.add_argument("--tokenizer-gguf", default=None, help="copy the tokenizer from this GGUF (the one the model was imported from)")
+    p.add_argument("--val-batches", type=int, default=8, help="held-out batches scored (the QAT run's validation data)")
+    p.add_argument("--decode-tokens", type=int, default=64, help="greedy tokens timed per model")
+    p.add_argument("--prefill", type=int, default=128, help="prompt tokens timed per model (at most one window)")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="llama.cpp threads")
+    args = p.parse_args(argv)
+    try:
+        for flag in ("val_batches", "decode_tokens", "prefill", "threads"):
+            if getattr(args, flag) < 1:
+                raise ValueError(f"--{flag.replace('_', '-')}={getattr(args, flag)} must be >= 1")
+        for flag in ("baseline_ckpt", "qat_ckpt", "tokenizer_gguf"):
+            if getattr(args, flag) is not None and not Path(getattr(args, flag)).is_file():
+                raise ValueError(f"--{flag.replace('_', '-')}={getattr(args, flag)!r} is not a file")
+        require_llama_cpp()
+        check_weight_bits("baseline-ckpt", args.baseline_ckpt, 16, "bf16")
+        check_weight_bits("qat-ckpt", args.qat_ckpt, 4, "gguf_q4_0")
+        out = Path(args.out)
+        files = {"16-bit": out / "16-bit.gguf", "PTQ Q4_0": out / "ptq-q4_0.gguf", "QAT Q4_0": out / "qat-q4_0.gguf"}
+        out.mkdir(parents=True, exist_ok=True)
+        export_gguf(args.qat_ckpt, files["QAT Q4_0"], embeddings="q8_0", tokenizer_gguf=args.tokenizer_gguf, force=True)
+        export_gguf(args.baseline_ckpt, files["16-bit"], embeddings="f16", tokenizer_gguf=args.tokenizer_gguf, force=True)
+    except ValueError as err:
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    quantize_gguf(files["16-bit"], files["PTQ Q4_0"], "q4_0", embeddings="q8_0", threads=args.threads)
+    batches = heldout_batches(args.qat_ckpt, args.val_batches)
+    windows = windows_of(batches)
+    prompt = windows[0][: args.prefill]
+    ours = {"16-bit": our_loss(args.baseline_ckpt, batches), "PTQ Q4_0": None, "QAT Q4_0": our_loss(args.qat_ckpt, batches)}
+    rows = []
+    for name, path in files.items():
+        scored = window_loss(path, windows, args.threads)
+        rows.append({
+            "model": name, "file": path.name, "bytes": path.stat().st_size, "llama_cpp_loss": scored["loss"], "our_loss": ours[name],
+            "tokens_scored": scored["tokens"], **speed(path, prompt, args.decode_tokens, args.threads),
+        })
+        print(f"{name}: llama.cpp ppl {scored['perplexity']:.2f} over {scored['tokens']} tokens", flush=True)
+    ppl = {r["model"]: math.exp(r["llama_cpp_loss"]) for r in rows}
+    removed = (ppl["PTQ Q4_0"] - ppl["QAT Q4_0"]) / (ppl["PTQ Q4_0"] - ppl["16-bit"])
+    table = markdown(rows, removed)
+    atomic_write_json(out / "results.json", {"rows": rows, "share_of_ptq_increase_removed": removed, "threads": args.threads,
+                                             "baseline_ckpt": str(args.baseline_ckpt), "qat_ckpt": str(args.qat_ckpt)})
+    atomic_write_text(out / "results.md", table)
+    print(table, end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
