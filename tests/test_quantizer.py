@@ -8,6 +8,7 @@ import torch
 from qat import Quantizer, QuantizerConfig, hadamard_transform, make_grid, optimal_gaussian_scale, quantization_mse
 from qat.quant.estimators import lsq_grad_scale
 from qat.quant.grids import default_trust
+from qat.quant.quantizer import fake_quantize
 
 GRID_BITS = [(g, b) for g in ("int", "int_zero", "gaussian") for b in (1, 1.58, 2, 3, 4, 5, 6, 7, 8) if not (g == "int_zero" and b == 1)]
 GRID_BITS += [("fp4", 4)]
@@ -305,3 +306,46 @@ def test_float16_scales_of_an_all_zero_group_stay_finite():
     x[:, :32] = 0.0  # a whole Q4_0 block of zeros
     q = fake_quantize(x, QuantizerConfig(bits=4, grid="int_zero", rotation="none", granularity=32, scale_dtype="float16"))
     assert torch.isfinite(q.value).all() and torch.equal(q.value[:, :32], torch.zeros(4, 32))
+
+
+# ---- the asymmetric (offset) grid: GGUF's Q4_1 -----------------------------------------------
+
+
+def _asym(**kw) -> QuantizerConfig:
+    return QuantizerConfig(**{"bits": 4, "rotation": "none", "grid": "int", "asymmetric": True, **kw})
+
+
+@pytest.mark.parametrize("scale", ["rms_mse", "absmax"])
+def test_offset_grid_values_are_code_times_step_plus_offset(scale):
+    x = torch.randn(6, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 0.3 + 2.0
+    for scale_dtype in ("float32", "float16"):
+        q = fake_quantize(x, _asym(scale=scale, granularity=32, scale_dtype=scale_dtype))
+        step, offset = q.scale / 7.5, q.offset  # [6, 2, 1]
+        assert q.codes.min() >= 0 and q.codes.max() <= 15
+        assert torch.equal(q.value, (q.codes.view(6, 2, 32).double() * step + offset).view(6, 64))
+        if scale_dtype == "float16":
+            assert torch.equal(step.half().double(), step) and torch.equal(offset.half().double(), offset)
+
+
+def test_offset_grid_is_translation_equivariant_and_the_symmetric_grid_at_zero_mean():
+    """rms_mse: the int grid centred on the row mean, half-range c(bits) x the centred RMS. A
+    shift moves the grid with the data; on a zero-mean row it is QuEST's symmetric int grid."""
+    x = torch.randn(8, 128, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    x = x - x.mean(-1, keepdim=True)
+    asym = fake_quantize(x, _asym()).value
+    sym = fake_quantize(x, QuantizerConfig(bits=4, rotation="none", grid="int")).value
+    assert torch.allclose(asym, sym, atol=1e-12)
+    assert torch.allclose(fake_quantize(x + 5.0, _asym()).value - 5.0, asym, atol=1e-12)
+
+
+def test_offset_grid_absmax_spans_min_to_max_and_trust_masks_the_clipped():
+    x = torch.randn(4, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(2)) + 1.0
+    q = fake_quantize(x, _asym(scale="absmax"))
+    assert torch.allclose(q.value.amin(-1), x.amin(-1), atol=1e-12) and torch.allclose(q.value.amax(-1), x.amax(-1), atol=1e-12)
+    # rms_mse clips the tails; the trust estimator stops their gradient, STE passes everything
+    w = (torch.randn(4, 256, generator=torch.Generator().manual_seed(3)) * 2 + 1).requires_grad_()
+    fake_quantize(w, _asym()).value.sum().backward()
+    trust_grad = w.grad.clone()
+    w.grad = None
+    fake_quantize(w, _asym(estimator="ste")).value.sum().backward()
+    assert 0.9 < trust_grad.mean() < 1.0 and torch.equal(w.grad, torch.ones_like(w))

@@ -59,6 +59,8 @@ def layer_problems(layer: nn.Module) -> list[str]:
         problems.append(f"weight bits={w.bits:g} (need 4 or 8)")
     if w.grid != "int_zero":
         problems.append(f"weight grid={w.grid!r} (symmetric integer levels k*d: need 'int_zero')")
+    if w.asymmetric:
+        problems.append("weight asymmetric=true (the presets here are symmetric: need false)")
     if w.scale_dtype != "float16":
         problems.append(f"weight scale_dtype={w.scale_dtype!r} (d must be exact in float16 and float32: need 'float16')")
     if w.learnable_scale:

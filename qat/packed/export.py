@@ -61,6 +61,8 @@ def encode_layer(name: str, layer: QuantLinear) -> dict[str, torch.Tensor]:
     weight = layer.weight.detach()
     out: dict[str, torch.Tensor] = {}
     if wq.cfg.enabled:
+        if wq.cfg.asymmetric:
+            raise ValueError(f"layer {name}: weight asymmetric=true (an offset grid) is not in the packed format; export it with scripts/export_gguf.py (Q4_1) or scripts/export_hf.py")
         q = fake_quantize(weight, wq.cfg, wq.grid, _learned_scale(wq, f"{name} weight"))
         codes = q.codes
         if wq.cfg.sparsity == "2:4":

@@ -1,16 +1,18 @@
 """Export a train.py checkpoint as a llama.cpp GGUF file (what scripts/export_gguf.py runs).
 
 What llama.cpp (and Ollama, LM Studio, llama-cpp-python) runs is then what was trained: each
-quantized linear becomes Q4_0 or Q8_0 blocks built from the codes and scales of its own
-weight quantizer (`fake_quantize`), never re-quantized from floats. That needs a config
-those blocks hold exactly (quant=gguf_q4_0 / gguf_q8_0): weight-only (activations 16-bit),
-no rotation, grid int_zero at 4 or 8 bits (levels k*d, |k| <= 7 or 127), one d per 32
-consecutive inputs, d rounded to float16 in every forward (scale_dtype=float16). With centre
-m = 7 or 127, code c stands for (c - m) * d with d = s / m; the blocks store
+quantized linear becomes Q4_0, Q4_1 or Q8_0 blocks built from the codes, scales and offsets of
+its own weight quantizer (`fake_quantize`), never re-quantized from floats. That needs a config
+those blocks hold exactly (quant=gguf_q4_0 / gguf_q4_1 / gguf_q8_0): weight-only (activations
+16-bit), no rotation, one d per 32 consecutive inputs, d (and Q4_1's m) rounded to float16 in
+every forward (scale_dtype=float16), and the grid of the type:
 
-    Q4_0: d as float16, then 16 bytes: nibble q = (c - m) + 8 in 1..15 (0, i.e. -8 d, is never
-          used); byte j holds element j in its low and element j + 16 in its high nibble;
-    Q8_0: d as float16, then 32 int8 q = c - m.
+    Q4_0: grid int_zero at 4 bits, code c stands for (c - 7) * d: d as float16, then 16 bytes of
+          nibbles q = (c - 7) + 8 in 1..15 (0, i.e. -8 d, is never used); byte j holds
+          element j in its low and element j + 16 in its high nibble;
+    Q4_1: grid int at 4 bits with asymmetric=true, code c in 0..15 stands for c * d + m: d and
+          m as float16, then the nibbles q = c in Q4_0's order;
+    Q8_0: grid int_zero at 8 bits, (c - 127) * d: d as float16, then 32 int8 q = c - 127.
 
 Before a byte is written every tensor is decoded with `gguf.quants.dequantize` and must
 equal training's quantized weight bit for bit (fp32). A 16-bit linear (a rule excluded it)
@@ -40,8 +42,7 @@ from qat.quant.linear import QuantLinear
 from qat.quant.quantizer import fake_quantize
 
 EMBEDDING_TYPES = ("q8_0", "f16")
-BLOCK = 32  # Q4_0 / Q8_0 block: consecutive weights along the input dim sharing one d
-STORED_OFFSET = {4: 8, 8: 0}  # stored integer = (c - centre) + offset
+BLOCK = 32  # Q4_0 / Q4_1 / Q8_0 block: consecutive weights along the input dim sharing one d
 MAGIC = b"GGUF"
 # Pre-tokenizer regexes llama.cpp knows by name (tokenizer.ggml.pre), as tokenizer.json spells them.
 GPT2_PRE = "gpt-2"  # ByteLevel(use_regex=True): GPT-2's own regex
@@ -76,10 +77,12 @@ def layer_problems(layer: nn.Module) -> list[str]:
     if w.sparsity != "none":
         problems.append(f"weight sparsity={w.sparsity!r} (need 'none')")
     if w.enabled:
-        if w.bits not in STORED_OFFSET:
+        if w.asymmetric and w.bits != 4:
+            problems.append(f"weight bits={w.bits:g} with asymmetric=true (Q4_1: need 4)")
+        if not w.asymmetric and w.bits not in (4, 8):
             problems.append(f"weight bits={w.bits:g} (Q4_0 / Q8_0: need 4 or 8)")
-        if w.grid != "int_zero":
-            problems.append(f"weight grid={w.grid!r} (Q4_0 / Q8_0 levels are k*d: need 'int_zero')")
+        if not w.asymmetric and w.grid != "int_zero":
+            problems.append(f"weight grid={w.grid!r} (Q4_0 / Q8_0 levels are k*d: need 'int_zero', or Q4_1's grid 'int' with asymmetric=true)")
         if w.granularity != BLOCK:
             problems.append(f"weight granularity={w.granularity!r} (one d per {BLOCK} weights: need {BLOCK})")
         if w.scale_dtype != "float16":
@@ -103,7 +106,7 @@ def check_exportable(net: nn.Module, embeddings: str) -> None:
         name, problems = next(iter(bad.items()))
         more = f" ({len(bad)} of {5 * cfg.n_layer} linears affected)"
         raise ValueError(
-            f"layer {name}: {'; '.join(problems)}{more}; Q4_0 / Q8_0 hold what quant=gguf_q4_0 or quant=gguf_q8_0 trains"
+            f"layer {name}: {'; '.join(problems)}{more}; Q4_0 / Q4_1 / Q8_0 hold what quant=gguf_q4_0, gguf_q4_1 or gguf_q8_0 trains"
         )
     if isinstance(net.lm_head, QuantLinear):
         raise ValueError(f"layer lm_head is quantized; export_gguf writes the output head as --embeddings {embeddings} only")
@@ -126,22 +129,39 @@ class Tensor:
     qtype: Any  # gguf.GGMLQuantizationType
 
 
-def blocks_from_codes(codes: torch.Tensor, scale: torch.Tensor, center: float, bits: int) -> np.ndarray:
-    """Q4_0 (bits=4) / Q8_0 (bits=8) blocks of a [N, K] code matrix with scales s [N, K/32, 1]:
-    uint8 [N, K/32 * bytes per block]."""
+def block_type(gguf: Any, cfg: Any) -> Any:
+    """The GGML type of an exportable weight quantizer's blocks."""
+    Q = gguf.GGMLQuantizationType
+    return Q.Q4_1 if cfg.asymmetric else Q.Q4_0 if cfg.bits == 4 else Q.Q8_0
+
+
+def _float16_bytes(values: torch.Tensor, what: str) -> np.ndarray:
+    """[N, G] float32 values that must be float16 numbers, as little-endian bytes [N, G, 2]."""
+    half = values.to(torch.float16)
+    if not torch.equal(half.to(values.dtype), values):
+        raise RuntimeError(f"a block's {what} is not a float16 number: the layer was not trained with scale_dtype=float16")
+    return half.numpy()[..., None].view(np.uint8)
+
+
+def _nibbles(q: np.ndarray) -> np.ndarray:
+    """[N, G, 32] integers in 0..15 as 16 bytes per block: j low, j + 16 high."""
+    q = q.astype(np.uint8)
+    return q[..., : BLOCK // 2] | (q[..., BLOCK // 2 :] << np.uint8(4))
+
+
+def blocks_from_codes(codes: torch.Tensor, scale: torch.Tensor, center: float, qtype_name: str, offset: torch.Tensor | None = None) -> np.ndarray:
+    """Q4_0 / Q4_1 / Q8_0 blocks of a [N, K] code matrix with scales s [N, K/32, 1] (and Q4_1's
+    offsets m): uint8 [N, K/32 * bytes per block]."""
     n, k = codes.shape
-    d = scale.reshape(n, k // BLOCK) / center  # exact: round_scale made s / centre a float16 number
-    d16 = d.to(torch.float16)
-    if not torch.equal(d16.to(d.dtype), d):
-        raise RuntimeError("a block's step s / centre is not a float16 number: the layer was not trained with scale_dtype=float16")
-    q = (codes.reshape(n, k // BLOCK, BLOCK) - int(center)).numpy()  # the integer k of k*d
-    if bits == 4:
-        nib = (q + STORED_OFFSET[4]).astype(np.uint8)  # 1..15
-        payload = nib[..., : BLOCK // 2] | (nib[..., BLOCK // 2 :] << np.uint8(4))  # [N, K/32, 16]
+    d = scale.reshape(n, k // BLOCK) / center  # exact: the step was rounded to float16 in training
+    blocks = codes.reshape(n, k // BLOCK, BLOCK).numpy()
+    if qtype_name == "Q4_1":
+        parts = [_float16_bytes(d, "step d"), _float16_bytes(offset.reshape(n, k // BLOCK), "offset m"), _nibbles(blocks)]
+    elif qtype_name == "Q4_0":
+        parts = [_float16_bytes(d, "step d"), _nibbles(blocks - int(center) + 8)]  # 1..15
     else:
-        payload = q.astype(np.int8).view(np.uint8)  # [N, K/32, 32]
-    header = d16.numpy()[..., None].view(np.uint8)  # [N, K/32, 2], little-endian float16
-    return np.concatenate([header, payload], axis=-1).reshape(n, -1)
+        parts = [_float16_bytes(d, "step d"), (blocks - int(center)).astype(np.int8).view(np.uint8)]
+    return np.concatenate(parts, axis=-1).reshape(n, -1)
 
 
 @torch.no_grad()
@@ -154,8 +174,8 @@ def linear_tensor(gguf: Any, name: str, layer: nn.Module) -> Tensor:
     q = fake_quantize(weight, wq.cfg, wq.grid)
     if not torch.isfinite(q.value).all():
         raise ValueError(f"layer {name}: training's quantized weight has non-finite entries (a group whose float16 step is 0 or inf)")
-    qtype = gguf.GGMLQuantizationType.Q4_0 if wq.cfg.bits == 4 else gguf.GGMLQuantizationType.Q8_0
-    blocks = blocks_from_codes(q.codes, q.scale, wq.grid.center, int(wq.cfg.bits))
+    qtype = block_type(gguf, wq.cfg)
+    blocks = blocks_from_codes(q.codes, q.scale, wq.grid.center, qtype.name, q.offset)
     decoded = gguf.quants.dequantize(blocks, qtype)
     trained = np.ascontiguousarray(q.value.float().numpy())
     if decoded.shape != trained.shape or not np.array_equal(decoded.view(np.uint32), trained.view(np.uint32)):
@@ -339,7 +359,7 @@ def converted_tokenizer(gguf: Any, tokenizer: Any, vocab_size: int) -> Vocabular
 def file_type(gguf: Any, tensors: dict[str, Tensor]) -> Any:
     kinds = {t.qtype for t in tensors.values()}
     Q, F = gguf.GGMLQuantizationType, gguf.LlamaFileType
-    return F.MOSTLY_Q4_0 if Q.Q4_0 in kinds else F.MOSTLY_Q8_0 if Q.Q8_0 in kinds else F.MOSTLY_F16 if Q.F16 in kinds else F.ALL_F32
+    return F.MOSTLY_Q4_0 if Q.Q4_0 in kinds else F.MOSTLY_Q4_1 if Q.Q4_1 in kinds else F.MOSTLY_Q8_0 if Q.Q8_0 in kinds else F.MOSTLY_F16 if Q.F16 in kinds else F.ALL_F32
 
 
 def write_gguf(path: Path, net: nn.Module, tensors: dict[str, Tensor], tokenizer: list, name: str, provenance: dict) -> None:

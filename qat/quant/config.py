@@ -29,6 +29,9 @@ BACKENDS = ("auto", "torch", "triton")
 SCALE_DTYPES = ("float32", "float16")
 # Estimators whose backward trains the scale; they need a learnable scale and vice versa.
 LEARNABLE_SCALE_ESTIMATORS = ("lsq", "pact")
+# An offset grid (asymmetric=true): the fits that place a centre, the estimators that need no scale gradient.
+ASYMMETRIC_SCALES = ("rms_mse", "absmax")
+ASYMMETRIC_ESTIMATORS = ("trust", "ste", "clip")
 DEFAULT_HADAMARD_BLOCK = 128
 DEFAULT_CLIP_SCALE = 1.0
 
@@ -64,6 +67,11 @@ class QuantizerConfig:
     scale_dtype: "float32" | "float16": the grid's unit step (s / center on a uniform grid, s on
         a level grid) rounded to float16 in every forward, so that each value is an exact
         float16 step times an integer: what GGUF's Q4_0 / Q8_0 blocks store (quant=gguf_q4_0).
+    asymmetric: levels c * d + m for c = 0 .. n-1 with a per-row (group) offset m, on the
+        "int" grid (n = 2^bits levels): what GGUF's Q4_1 stores (quant=gguf_q4_1). The scale
+        fit places them: "rms_mse" centres them on the group mean with half-range c(bits) times
+        the centred RMS, "absmax" spans the group's [min, max] (llama.cpp's own Q4_1 rule).
+        With scale_dtype float16 both d and m are float16 numbers.
     """
 
     bits: int | float = 4
@@ -78,6 +86,7 @@ class QuantizerConfig:
     sparsity: str = "none"
     backend: str = "auto"
     scale_dtype: str = "float32"
+    asymmetric: bool = False
 
     def __post_init__(self) -> None:
         self.bits = parse_bits(self.bits)
@@ -88,6 +97,8 @@ class QuantizerConfig:
         _choice("sparsity", self.sparsity, SPARSITIES)
         _choice("backend", self.backend, BACKENDS)
         _choice("scale_dtype", self.scale_dtype, SCALE_DTYPES)
+        if not isinstance(self.asymmetric, bool):
+            raise ValueError(f"asymmetric={self.asymmetric!r} is not allowed; use true or false")
         block = self.hadamard_block
         if block != "full" and (isinstance(block, bool) or not isinstance(block, int) or block < 2 or not has_construction(block)):
             raise ValueError(
@@ -115,8 +126,16 @@ class QuantizerConfig:
             )
         if learnable and self.scale_dtype != "float32":
             raise ValueError(f"scale_dtype={self.scale_dtype!r} is not allowed with scale='lsq' (a learned scale is not rounded); use 'float32'")
+        if self.asymmetric:
+            self._check_asymmetric_choices()
         if learnable and gran != "row":
             raise ValueError(f"granularity={gran!r} is not allowed with scale='lsq' (one learnable scale per tensor); use 'row'")
+
+    def _check_asymmetric_choices(self) -> None:
+        for field, value, allowed in (("grid", self.grid, ("int",)), ("scale", self.scale, ASYMMETRIC_SCALES),
+                                      ("estimator", self.estimator, ASYMMETRIC_ESTIMATORS), ("sparsity", self.sparsity, ("none",))):
+            if value not in allowed:
+                raise ValueError(f"{field}={value!r} is not allowed with asymmetric=true; choose one of {', '.join(map(repr, allowed))}")
 
     def _reject_ignored_fields(self) -> None:
         """One rule: a field that only one choice reads must keep its default under any other

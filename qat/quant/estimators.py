@@ -32,12 +32,14 @@ class Quantized(NamedTuple):
     """One quantization call: the output (with the estimator's backward), integer codes
     (indices into the grid's levels), the boolean mask of elements whose gradient passes,
     and the scale s that was used (broadcastable against the grouped input; None where a
-    caller did not ask for it)."""
+    caller did not ask for it); for an asymmetric quantizer the offset m too, the value of
+    code 0 (then value = code * s / center + m)."""
 
     value: torch.Tensor
     codes: torch.Tensor | None
     grad_mask: torch.Tensor
     scale: torch.Tensor | None = None
+    offset: torch.Tensor | None = None
 
 
 class EstimatorKnobs(NamedTuple):

@@ -25,6 +25,8 @@ def fused_unsupported_reason(cfg: QuantizerConfig) -> str | None:
     """None when the fused kernels cover this config, else why not (asked once per quantizer)."""
     if cfg.enabled and cfg.scale_dtype != "float32":
         return f"scale_dtype={cfg.scale_dtype!r}"
+    if cfg.enabled and cfg.asymmetric:
+        return "asymmetric=true"
     return unsupported_config_reason(
         enabled=cfg.enabled, grid=cfg.grid, scale=cfg.scale, estimator=cfg.estimator, granularity=cfg.granularity, sparsity=cfg.sparsity
     )

@@ -40,6 +40,8 @@ def gptq_unsupported_reason(cfg: QuantizerConfig) -> str | None:
         return f"scale={cfg.scale!r} (a learned scale; GPTQ needs a fitted one)"
     if cfg.sparsity != "none":
         return f"sparsity={cfg.sparsity!r}"
+    if cfg.asymmetric:
+        return "asymmetric=true (an offset grid)"
     return None
 
 

@@ -19,11 +19,11 @@ import torch.distributed as dist
 from torch import nn
 
 from qat.quant.config import QuantizerConfig
-from qat.quant.estimators import ESTIMATORS, EstimatorKnobs, Quantized
+from qat.quant.estimators import ESTIMATORS, EstimatorKnobs, MaskedStraightThrough, Quantized
 from qat.quant.fused import fused_fake_quantize, fused_unsupported_reason, use_fused
 from qat.quant.grids import Grid, make_grid
 from qat.quant.hadamard import hadamard_transform
-from qat.quant.scales import SCALE_FITS, round_scale, row_rms
+from qat.quant.scales import SCALE_FITS, fit_offset_grid, round_scale, row_rms
 from qat.quant.sparsity import two_of_four_mask
 
 
@@ -63,6 +63,8 @@ def fake_quantize(x: torch.Tensor, cfg: QuantizerConfig, grid: Grid | None = Non
     grid = grid if grid is not None else make_grid(cfg.bits, cfg.grid)
     # fp32 math for half inputs (codes must not depend on bf16 rounding); fp64 stays fp64.
     xg = grouped(x if x.dtype in (torch.float32, torch.float64) else x.float(), cfg.granularity)
+    if cfg.asymmetric:
+        return _offset_quantize(x, xg, cfg, grid, keep)
     with torch.no_grad():
         rms = row_rms(xg)
     if scale is None:
@@ -74,6 +76,26 @@ def fake_quantize(x: torch.Tensor, cfg: QuantizerConfig, grid: Grid | None = Non
     if keep is not None:
         value, mask = value * keep, mask & keep  # pruned entries are exactly zero, with no gradient
     return Quantized(value.to(x.dtype), codes, mask, scale.detach().expand(*xg.shape[:-1], 1))
+
+
+def _offset_quantize(x: torch.Tensor, xg: torch.Tensor, cfg: QuantizerConfig, grid: Grid, keep: torch.Tensor | None) -> Quantized:
+    """The asymmetric path: the estimator runs on the input centred on the grid's middle
+    (m + center * d), which makes it the symmetric "int" grid of half-range s = center * d, and
+    picks the codes and the gradient mask; the value is then c * d + m, computed exactly as
+    llama.cpp dequantizes Q4_1 (c * d exact, one float32 rounding for + m)."""
+    with torch.no_grad():
+        step, offset = fit_offset_grid(xg.detach(), grid, cfg.scale, cfg.scale_dtype)
+        middle = offset + grid.center * step
+        centred = xg.detach() - middle
+        rms = row_rms(centred)
+    qz = ESTIMATORS[cfg.estimator](xg - middle, grid.center * step, rms, grid, EstimatorKnobs(cfg.trust_radius(grid), cfg.clip_scale))
+    exact = qz.codes.to(xg.dtype) * step + offset
+    value = MaskedStraightThrough.apply(xg, exact, qz.grad_mask).reshape(x.shape)
+    codes, mask = qz.codes.reshape(x.shape), qz.grad_mask.reshape(x.shape)
+    if keep is not None:
+        value, mask = value * keep, mask & keep
+    shape = (*xg.shape[:-1], 1)
+    return Quantized(value.to(x.dtype), codes, mask, (grid.center * step).expand(shape), offset.expand(shape))
 
 
 class Quantizer(nn.Module):

@@ -35,6 +35,28 @@ def round_scale(scale: torch.Tensor, grid: Grid, scale_dtype: str) -> torch.Tens
     return step.to(scale.dtype) * unit
 
 
+def fit_offset_grid(x: torch.Tensor, grid: Grid, scale: str, scale_dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """An asymmetric ("int" grid) fit per row of x [..., g]: (step d, offset m), levels c * d + m
+    for c = 0 .. n - 1. "rms_mse" centres the grid on the row mean with half-range c(bits) times
+    the centred RMS (MSE-optimal for a Gaussian row about any mean), m = mean - center * d;
+    "absmax" is llama.cpp's Q4_1 rule, d = (max - min) / (n - 1) and m = min. With scale_dtype
+    float16 d and m are rounded to float16 numbers (d first), so c * d + m is exact in float32
+    up to its one rounding, as llama.cpp computes it."""
+    if scale == "absmax":
+        lo, hi = x.amin(dim=-1, keepdim=True), x.amax(dim=-1, keepdim=True)
+        step = ((hi - lo) / (2 * grid.center)).clamp_min(_TINY)
+    else:
+        middle = x.mean(dim=-1, keepdim=True)
+        step = (grid.gaussian_scale * row_rms(x - middle) / grid.center).clamp_min(_TINY)
+    if scale_dtype == "float16":
+        step = step.to(torch.float16).clamp_min(torch.finfo(torch.float16).tiny).to(x.dtype)
+    offset = lo if scale == "absmax" else middle - grid.center * step
+    if scale_dtype == "float16":
+        biggest = torch.finfo(torch.float16).max
+        offset = offset.clamp(-biggest, biggest).to(torch.float16).to(x.dtype)
+    return step, offset
+
+
 def row_rms(x: torch.Tensor) -> torch.Tensor:
     """sqrt(mean(x^2)) over the last dim (not mean-centred, as QuEST), clamped away from 0."""
     return x.square().mean(dim=-1, keepdim=True).sqrt().clamp_min(_TINY)

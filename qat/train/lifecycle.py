@@ -207,6 +207,7 @@ def describe(cfg: QuantizerConfig) -> str:
         return "16-bit" + (f" {cfg.rotation}" if cfg.rotation != "none" else "")
     extra = [f"g{cfg.granularity}"] if cfg.granularity != "row" else []
     extra += [cfg.sparsity] if cfg.sparsity != "none" else []
+    extra += ["asymmetric"] if cfg.asymmetric else []
     return " ".join([f"{cfg.bits:g}-bit", cfg.rotation, cfg.scale, cfg.grid, cfg.estimator, *extra])
 
 
