@@ -58,8 +58,11 @@ ARMS = [
     Arm("qat-w4a4-full-ste-from-rtn", "qat", [*W4A4, "quant.weight.estimator=ste"]),
     Arm("qat-w4a16-full-from-rtn", "qat", W4A16),
     Arm("qat-w2a16-full-from-rtn", "qat", W2A16),
-    # llama.cpp's Q4_0, trained as the file stores it (scripts/gguf_study.py measures it in llama.cpp)
-    Arm("qat-gguf-q4_0", "qat", ["quant=gguf_q4_0"]),
+    # llama.cpp's Q4_0 / Q4_1, trained as the file stores them (scripts/gguf_study.py measures them
+    # in llama.cpp). Without a rotation the MSE scale clips a pretrained model's outlier weights,
+    # and the trust estimator then keeps them clipped; absmax (llama.cpp's own rule) clips nothing.
+    *(Arm(f"{m}-gguf-{t}{s}", m, [f"quant=gguf_{t}", *(["quant.weight.scale=absmax"] if s else [])])
+      for t in ("q4_0", "q4_1") for s in ("", "-absmax") for m in ("rtn", "qat")),
 ]
 FIELDS = ["arm", "method", "quant", "tokens_seen", "val_loss", "val_ppl", "wall_s", "eval_s", "peak_mem_gib", "command"]
 
