@@ -171,13 +171,17 @@ def test_real_model_dims_factor_as_dense_times_fast(dim, monkeypatch):
     assert hadamard_factorization(dim) == (m, p) and m <= 344
     assert describe(m) == how
     assert has_construction(dim) and QuantizerConfig(hadamard_block=dim).hadamard_block == dim
-    # The cost structure: the butterfly runs along p and one m x m matrix along m.
+    # The cost structure: one m x m matrix along m; along p a dense p x p GEMM up to
+    # DENSE_POWER_MAX (faster on the CPU than log2(p) stages of small ops), the butterfly beyond.
     butterflies, dense = [], []
     monkeypatch.setattr(hadamard, "_butterfly", lambda x, b: butterflies.append(b) or _butterfly(x, b))
     monkeypatch.setattr(hadamard, "_dense_factor", lambda *a: dense.append(a[0]) or hadamard._dense_factor_cached(*a))
     x = torch.randn(3, 2 * dim, dtype=torch.float64)
     y = hadamard_transform(x, dim)
-    assert butterflies == [p] and dense == [m]
+    if p <= hadamard.DENSE_POWER_MAX:
+        assert butterflies == [] and dense == [p, m]
+    else:
+        assert butterflies == [p] and dense == [m]
     assert torch.allclose(y.norm(dim=-1), x.norm(dim=-1), atol=1e-12, rtol=0)
     assert (hadamard_transform(y, dim, inverse=True) - x).abs().max() < 1e-12
 

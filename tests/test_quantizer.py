@@ -349,3 +349,28 @@ def test_offset_grid_absmax_spans_min_to_max_and_trust_masks_the_clipped():
     w.grad = None
     fake_quantize(w, _asym(estimator="ste")).value.sum().backward()
     assert 0.9 < trust_grad.mean() < 1.0 and torch.equal(w.grad, torch.ones_like(w))
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {}, {"grid": "int_zero", "granularity": 32}, {"grid": "gaussian", "estimator": "ste"}, {"grid": "fp4", "estimator": "clip"},
+        {"bits": 2, "sparsity": "2:4"}, {"bits": 1.58, "grid": "int_zero", "scale": "absmax"}, {"hadamard_block": 12},
+        {"rotation": "none", "grid": "int", "asymmetric": True, "granularity": 32, "scale_dtype": "float16"},
+        {"scale": "mse_search", "rotation": "none"},
+    ],
+    ids=["quest", "int_zero_g32", "gaussian_ste", "fp4_clip", "2bit_2of4", "ternary_absmax", "block12", "asymmetric", "mse_search"],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_forward_without_gradient_is_the_same_value_bit_for_bit(kw, dtype):
+    """Decoding takes no gradient: the quantizer then skips the estimator (no mask, no
+    straight-through function) and must compute training's value exactly."""
+    cfg = QuantizerConfig(**{"bits": 4, **kw})
+    x = (torch.randn(5, 384, generator=torch.Generator().manual_seed(4)) * 0.5 + 0.1).to(dtype)
+    trained = fake_quantize(x.requires_grad_(), cfg)
+    lean = fake_quantize(x.detach(), cfg, with_gradient=False)
+    assert lean.grad_mask is None and trained.grad_mask is not None
+    assert torch.equal(lean.value, trained.value.detach()) and torch.equal(lean.codes, trained.codes)
+    q = Quantizer(cfg)
+    with torch.no_grad():
+        assert torch.equal(q(x.detach()), trained.value.detach())

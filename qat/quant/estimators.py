@@ -37,7 +37,7 @@ class Quantized(NamedTuple):
 
     value: torch.Tensor
     codes: torch.Tensor | None
-    grad_mask: torch.Tensor
+    grad_mask: torch.Tensor | None  # None: computed without a gradient (fake_quantize with_gradient=False)
     scale: torch.Tensor | None = None
     offset: torch.Tensor | None = None
 

@@ -21,7 +21,7 @@ from torch import nn
 from qat.quant.config import QuantizerConfig
 from qat.quant.estimators import ESTIMATORS, EstimatorKnobs, MaskedStraightThrough, Quantized
 from qat.quant.fused import fused_fake_quantize, fused_unsupported_reason, use_fused
-from qat.quant.grids import Grid, make_grid
+from qat.quant.grids import Grid, make_grid, round_to_grid
 from qat.quant.hadamard import hadamard_transform
 from qat.quant.scales import SCALE_FITS, fit_offset_grid, round_scale, row_rms
 from qat.quant.sparsity import two_of_four_mask
@@ -45,7 +45,9 @@ def quantizer_grid(cfg: QuantizerConfig) -> Grid | None:
     return make_grid(cfg.bits, cfg.grid) if cfg.enabled else None
 
 
-def fake_quantize(x: torch.Tensor, cfg: QuantizerConfig, grid: Grid | None = None, scale: torch.Tensor | None = None) -> Quantized:
+def fake_quantize(
+    x: torch.Tensor, cfg: QuantizerConfig, grid: Grid | None = None, scale: torch.Tensor | None = None, *, with_gradient: bool = True
+) -> Quantized:
     """rotation -> (2:4 mask) -> scale fit -> grid rounding, with the estimator's backward.
 
     x: [..., K]. grid: make_grid(cfg.bits, cfg.grid), passed by callers that hold it (a
@@ -53,6 +55,9 @@ def fake_quantize(x: torch.Tensor, cfg: QuantizerConfig, grid: Grid | None = Non
     (LSQ / PACT) in place of the fitted one. Returns Quantized(value in x's shape and dtype,
     codes int32 (x's shape, None at 16 bits), grad_mask bool (x's shape), scale fp32 or fp64
     [..., 1] per row or [..., K/g, 1] per group).
+    with_gradient=False (a forward that takes no gradient, e.g. decoding): the same value,
+    bit for bit, without the estimator (grad_mask is None); the trust, ste and clip estimators'
+    forward is the plain rounding. LSQ and PACT always run their estimator.
     """
     x = rotate(x, cfg)
     keep = two_of_four_mask(x) if cfg.sparsity == "2:4" else None
@@ -63,22 +68,37 @@ def fake_quantize(x: torch.Tensor, cfg: QuantizerConfig, grid: Grid | None = Non
     grid = grid if grid is not None else make_grid(cfg.bits, cfg.grid)
     # fp32 math for half inputs (codes must not depend on bf16 rounding); fp64 stays fp64.
     xg = grouped(x if x.dtype in (torch.float32, torch.float64) else x.float(), cfg.granularity)
+    rounding_only = not with_gradient and cfg.estimator in ROUNDING_FORWARD
     if cfg.asymmetric:
-        return _offset_quantize(x, xg, cfg, grid, keep)
+        return _offset_quantize(x, xg, cfg, grid, keep, rounding_only)
     with torch.no_grad():
         rms = row_rms(xg)
     if scale is None:
         if cfg.learnable_scale:
             raise ValueError("scale='lsq' is learned: pass the quantizer's scale (Quantizer.learned_scale)")
         scale = round_scale(SCALE_FITS[cfg.scale](xg.detach(), rms, grid), grid, cfg.scale_dtype)
-    qz = ESTIMATORS[cfg.estimator](xg, scale, rms, grid, EstimatorKnobs(cfg.trust_radius(grid), cfg.clip_scale))
-    value, codes, mask = qz.value.reshape(x.shape), qz.codes.reshape(x.shape), qz.grad_mask.reshape(x.shape)
+    if rounding_only:
+        qz = Quantized(*round_to_grid(xg.detach(), scale, grid), None)
+    else:
+        qz = ESTIMATORS[cfg.estimator](xg, scale, rms, grid, EstimatorKnobs(cfg.trust_radius(grid), cfg.clip_scale))
+    return _finish(x, xg, qz, keep, scale.detach())
+
+
+# Estimators whose forward value is round_to_grid's (a masked straight-through backward).
+ROUNDING_FORWARD = ("trust", "ste", "clip")
+
+
+def _finish(x: torch.Tensor, xg: torch.Tensor, qz: Quantized, keep: torch.Tensor | None, scale: torch.Tensor, offset: torch.Tensor | None = None) -> Quantized:
+    """Back to x's shape and dtype; pruned entries exactly zero, with no gradient."""
+    value, codes = qz.value.reshape(x.shape), qz.codes.reshape(x.shape)
+    mask = None if qz.grad_mask is None else qz.grad_mask.reshape(x.shape)
     if keep is not None:
-        value, mask = value * keep, mask & keep  # pruned entries are exactly zero, with no gradient
-    return Quantized(value.to(x.dtype), codes, mask, scale.detach().expand(*xg.shape[:-1], 1))
+        value, mask = value * keep, None if mask is None else mask & keep
+    shape = (*xg.shape[:-1], 1)
+    return Quantized(value.to(x.dtype), codes, mask, scale.expand(shape), None if offset is None else offset.expand(shape))
 
 
-def _offset_quantize(x: torch.Tensor, xg: torch.Tensor, cfg: QuantizerConfig, grid: Grid, keep: torch.Tensor | None) -> Quantized:
+def _offset_quantize(x: torch.Tensor, xg: torch.Tensor, cfg: QuantizerConfig, grid: Grid, keep: torch.Tensor | None, rounding_only: bool) -> Quantized:
     """The asymmetric path: the estimator runs on the input centred on the grid's middle
     (m + center * d), which makes it the symmetric "int" grid of half-range s = center * d, and
     picks the codes and the gradient mask; the value is then c * d + m, computed exactly as
@@ -86,16 +106,16 @@ def _offset_quantize(x: torch.Tensor, xg: torch.Tensor, cfg: QuantizerConfig, gr
     with torch.no_grad():
         step, offset = fit_offset_grid(xg.detach(), grid, cfg.scale, cfg.scale_dtype)
         middle = offset + grid.center * step
-        centred = xg.detach() - middle
-        rms = row_rms(centred)
-    qz = ESTIMATORS[cfg.estimator](xg - middle, grid.center * step, rms, grid, EstimatorKnobs(cfg.trust_radius(grid), cfg.clip_scale))
-    exact = qz.codes.to(xg.dtype) * step + offset
-    value = MaskedStraightThrough.apply(xg, exact, qz.grad_mask).reshape(x.shape)
-    codes, mask = qz.codes.reshape(x.shape), qz.grad_mask.reshape(x.shape)
-    if keep is not None:
-        value, mask = value * keep, mask & keep
-    shape = (*xg.shape[:-1], 1)
-    return Quantized(value.to(x.dtype), codes, mask, (grid.center * step).expand(shape), offset.expand(shape))
+        rms = row_rms(xg.detach() - middle)
+    half = grid.center * step
+    if rounding_only:
+        codes, mask = round_to_grid(xg.detach() - middle, half, grid)[1], None
+        exact = codes.to(xg.dtype) * step + offset
+    else:
+        qz = ESTIMATORS[cfg.estimator](xg - middle, half, rms, grid, EstimatorKnobs(cfg.trust_radius(grid), cfg.clip_scale))
+        codes, mask = qz.codes, qz.grad_mask
+        exact = MaskedStraightThrough.apply(xg, codes.to(xg.dtype) * step + offset, mask)
+    return _finish(x, xg, Quantized(exact, codes, mask), keep, half, offset)
 
 
 class Quantizer(nn.Module):
@@ -127,7 +147,8 @@ class Quantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if use_fused(self.cfg, self.fused_unsupported, x):
             return fused_fake_quantize(x, self.cfg, self.grid, with_codes=False).value  # training never reads codes
-        return fake_quantize(x, self.cfg, self.grid, self.learned_scale(x)).value
+        gradient = torch.is_grad_enabled() and (x.requires_grad or self.cfg.learnable_scale)
+        return fake_quantize(x, self.cfg, self.grid, self.learned_scale(x), with_gradient=gradient).value
 
     def learned_scale(self, x: torch.Tensor) -> torch.Tensor | None:
         """The learnable scale (initialised from the first batch it sees), or None."""
