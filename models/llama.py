@@ -269,12 +269,14 @@ class Llama(nn.Module):
             self.rope_cache = cache
         return cache[:seq_len]
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, *, last_only: bool = False) -> torch.Tensor:
         """idx: LongTensor [B, T] -> logits [B, T, vocab] (no loss; the trainer computes it).
 
         Without a cache idx holds positions 0..T-1. With one it holds positions
         cache.length .. cache.length+T-1 (a whole prompt, a chunk of it, or one new token);
         their keys and values are added to the cache and cache.length advances by T.
+        last_only: logits of the last position only, [B, 1, vocab], what sampling reads (the
+        output head over a whole prompt is a prefill's largest matmul: 512 x 49,152 x 576 in SmolLM2).
         """
         B, T = idx.shape
         if cache is None:
@@ -291,6 +293,8 @@ class Llama(nn.Module):
             x = block(x, rope, cache, i)
         if cache is not None:
             cache.advance(T)
+        if last_only:
+            x = x[:, -1:]
         return self.lm_head(self.norm(x))  # [B, T, vocab]
 
     def new_kv_cache(

@@ -63,3 +63,16 @@ def test_sample_text_keeps_the_tokenizers_spacing(tmp_path):
     assert tok.decode(prompt) + tok.decode(tok.encode("w66 w71")) == "w7 w8 w9 w10w66 w71"  # the bug's shape
     assert sample_text(tok, prompt, tok.encode("w66 w71") + [tok.eos_id]) == "w7 w8 w9 w10 w66 w71"
     assert sample_text(tok, [tok.eos_id], tok.encode("w1 w2")) == "w1 w2"  # no prompt: start of a document
+
+
+def test_last_only_logits_are_the_last_row_of_the_full_forward():
+    torch.manual_seed(0)
+    net = Llama(llama_config("debug-xs", vocab_size=64)).eval()
+    idx = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        full = net(idx)
+        cache = net.new_kv_cache(2, 12)
+        last = net(idx, cache, last_only=True)
+        assert last.shape == (2, 1, 64) and cache.length == 9
+        torch.testing.assert_close(last, full[:, -1:], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(net(idx, last_only=True), full[:, -1:], rtol=1e-5, atol=1e-6)  # one row: another GEMM blocking

@@ -63,7 +63,7 @@ def generate(
             if len(ids) > window or cache.length + len(ids) - fed > cache.max_len:
                 cache.reset()  # the window slid: positions restart at 0, as in recompute
                 fed = len(ids) - len(context)
-            logits = net(torch.tensor([ids[fed:]], device=device), cache)
+            logits = net(torch.tensor([ids[fed:]], device=device), cache, last_only=True)
             fed = len(ids)
         nxt = next_token(logits[0, -1], temperature, top_k, generator)
         ids.append(nxt)
