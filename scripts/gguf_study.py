@@ -1,4 +1,5 @@
-"""QAT for llama.cpp's Q4_0 against llama.cpp's own post-training Q4_0, measured in llama.cpp.
+"""QAT for llama.cpp's Q4_0 (or Q4_1, --type q4_1) against llama.cpp's own post-training
+quantization to the same type, measured in llama.cpp.
 
     python train.py quant=bf16 ...        RUN16     # the 16-bit fine-tuning
     python train.py quant=gguf_q4_0 ...   RUNQ4     # QAT for Q4_0, the same data and tokens
@@ -65,7 +66,7 @@ def our_loss(ckpt: str | Path, batches: list) -> float:
     return loss_over(load_trained(ckpt).net, batches)["loss"]
 
 
-def markdown(rows: list[dict], removed: float) -> str:
+def markdown(rows: list[dict], removed: float, kind: str) -> str:
     lines = [
         "| model | file (MiB) | llama.cpp ppl | ours (PyTorch) ppl | llama.cpp decode (tok/s) | llama.cpp prefill (tok/s) |",
         "|---|---:|---:|---:|---:|---:|",
@@ -77,21 +78,24 @@ def markdown(rows: list[dict], removed: float) -> str:
             f"| {r['decode_tokens_per_s']:.1f} | {r['prefill_tokens_per_s']:.1f} |"
         )
     lines.append("")
-    lines.append(f"QAT removes {100 * removed:.1f}% of the perplexity increase of llama.cpp's post-training Q4_0 ((PTQ - QAT) / (PTQ - 16-bit)).")
+    lines.append(f"QAT removes {100 * removed:.1f}% of the perplexity increase of llama.cpp's post-training {kind} ((PTQ - QAT) / (PTQ - 16-bit)).")
     return "\n".join(lines) + "\n"
 
 
-def check_weight_bits(flag: str, ckpt: str, bits: float, preset: str) -> None:
+def check_kind(flag: str, ckpt: str, bits: float, asymmetric: bool, preset: str) -> None:
     """A checkpoint of the wrong kind is refused before anything is written."""
-    found = read_checkpoint(Path(ckpt))["quantization"]["weight"]["bits"]
-    if found != bits:
-        raise ValueError(f"--{flag}={ckpt!r} has {found:g}-bit weights; this arm needs {bits:g} (train it with quant={preset})")
+    weight = read_checkpoint(Path(ckpt))["quantization"]["weight"]
+    found = (weight["bits"], weight.get("asymmetric", False) if bits != 16 else False)
+    if found != (bits, asymmetric):
+        kind = f"{found[0]:g}-bit{' asymmetric' if found[1] else ''}"
+        raise ValueError(f"--{flag}={ckpt!r} has {kind} weights; this arm needs {bits:g}-bit{' asymmetric' if asymmetric else ''} (train it with quant={preset})")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--baseline-ckpt", required=True, help="the 16-bit run's checkpoint (quant=bf16)")
-    p.add_argument("--qat-ckpt", required=True, help="the QAT run's checkpoint (quant=gguf_q4_0)")
+    p.add_argument("--qat-ckpt", required=True, help="the QAT run's checkpoint (quant=gguf_q4_0, or gguf_q4_1 with --type q4_1)")
+    p.add_argument("--type", choices=["q4_0", "q4_1"], default="q4_0", help="the GGUF type compared (default q4_0)")
     p.add_argument("--out", required=True, help="study directory: the three GGUF files, results.md, results.json")
     p.add_argument("--tokenizer-gguf", default=None, help="copy the tokenizer from this GGUF (the one the model was imported from)")
     p.add_argument("--val-batches", type=int, default=8, help="held-out batches scored (the QAT run's validation data)")
@@ -107,21 +111,22 @@ def main(argv: list[str] | None = None) -> int:
             if getattr(args, flag) is not None and not Path(getattr(args, flag)).is_file():
                 raise ValueError(f"--{flag.replace('_', '-')}={getattr(args, flag)!r} is not a file")
         require_llama_cpp()
-        check_weight_bits("baseline-ckpt", args.baseline_ckpt, 16, "bf16")
-        check_weight_bits("qat-ckpt", args.qat_ckpt, 4, "gguf_q4_0")
-        out = Path(args.out)
-        files = {"16-bit": out / "16-bit.gguf", "PTQ Q4_0": out / "ptq-q4_0.gguf", "QAT Q4_0": out / "qat-q4_0.gguf"}
+        check_kind("baseline-ckpt", args.baseline_ckpt, 16, False, "bf16")
+        check_kind("qat-ckpt", args.qat_ckpt, 4, args.type == "q4_1", f"gguf_{args.type}")
+        out, kind = Path(args.out), args.type.upper()
+        ptq, qat = f"PTQ {kind}", f"QAT {kind}"
+        files = {"16-bit": out / "16-bit.gguf", ptq: out / f"ptq-{args.type}.gguf", qat: out / f"qat-{args.type}.gguf"}
         out.mkdir(parents=True, exist_ok=True)
-        export_gguf(args.qat_ckpt, files["QAT Q4_0"], embeddings="q8_0", tokenizer_gguf=args.tokenizer_gguf, force=True)
+        export_gguf(args.qat_ckpt, files[qat], embeddings="q8_0", tokenizer_gguf=args.tokenizer_gguf, force=True)
         export_gguf(args.baseline_ckpt, files["16-bit"], embeddings="f16", tokenizer_gguf=args.tokenizer_gguf, force=True)
     except ValueError as err:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
-    quantize_gguf(files["16-bit"], files["PTQ Q4_0"], "q4_0", embeddings="q8_0", threads=args.threads)
+    quantize_gguf(files["16-bit"], files[ptq], args.type, embeddings="q8_0", threads=args.threads)
     batches = heldout_batches(args.qat_ckpt, args.val_batches)
     windows = windows_of(batches)
     prompt = windows[0][: args.prefill]
-    ours = {"16-bit": our_loss(args.baseline_ckpt, batches), "PTQ Q4_0": None, "QAT Q4_0": our_loss(args.qat_ckpt, batches)}
+    ours = {"16-bit": our_loss(args.baseline_ckpt, batches), ptq: None, qat: our_loss(args.qat_ckpt, batches)}
     rows = []
     for name, path in files.items():
         scored = window_loss(path, windows, args.threads)
@@ -131,9 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         })
         print(f"{name}: llama.cpp ppl {scored['perplexity']:.2f} over {scored['tokens']} tokens", flush=True)
     ppl = {r["model"]: math.exp(r["llama_cpp_loss"]) for r in rows}
-    removed = (ppl["PTQ Q4_0"] - ppl["QAT Q4_0"]) / (ppl["PTQ Q4_0"] - ppl["16-bit"])
-    table = markdown(rows, removed)
-    atomic_write_json(out / "results.json", {"rows": rows, "share_of_ptq_increase_removed": removed, "threads": args.threads,
+    removed = (ppl[ptq] - ppl[qat]) / (ppl[ptq] - ppl["16-bit"])
+    table = markdown(rows, removed, kind)
+    atomic_write_json(out / "results.json", {"type": args.type, "rows": rows, "share_of_ptq_increase_removed": removed, "threads": args.threads,
                                              "baseline_ckpt": str(args.baseline_ckpt), "qat_ckpt": str(args.qat_ckpt)})
     atomic_write_text(out / "results.md", table)
     print(table, end="")

@@ -45,10 +45,11 @@ def test_the_study_scores_three_files_in_llama_cpp(runs, tmp_path):
     assert rows["PTQ Q4_0"]["bytes"] < rows["16-bit"]["bytes"] / 2
     assert abs(rows["PTQ Q4_0"]["bytes"] - rows["QAT Q4_0"]["bytes"]) < 0.02 * rows["QAT Q4_0"]["bytes"]
     # llama.cpp computes our model: at 16 bits only its float16 KV cache differs; with Q4_0 its
-    # Q8_0 activations in the dot products too (measured on debug-xs: below 0.1% and 1%).
+    # 8-bit activations in the dot products too (measured on debug-xs, 2026-12-06: loss 1.75004
+    # both at 16 bits, 1.78714 against our 1.78720 for QAT Q4_0).
     base, qat = rows["16-bit"], rows["QAT Q4_0"]
-    assert abs(base["llama_cpp_loss"] - base["our_loss"]) < 0.005 * base["our_loss"]
-    assert abs(qat["llama_cpp_loss"] - qat["our_loss"]) < 0.02 * qat["our_loss"]
+    assert abs(base["llama_cpp_loss"] - base["our_loss"]) < 1e-3 * base["our_loss"]
+    assert abs(qat["llama_cpp_loss"] - qat["our_loss"]) < 5e-3 * qat["our_loss"]
     assert rows["PTQ Q4_0"]["our_loss"] is None
     ppl = {name: math.exp(r["llama_cpp_loss"]) for name, r in rows.items()}
     assert result["share_of_ptq_increase_removed"] == pytest.approx((ppl["PTQ Q4_0"] - ppl["QAT Q4_0"]) / (ppl["PTQ Q4_0"] - ppl["16-bit"]))
@@ -63,9 +64,11 @@ def test_bad_input_is_one_line_before_any_work(runs, tmp_path, capsys):
     common = ["--out", str(tmp_path / "o")]
     assert "--qat-ckpt='absent.ckpt' is not a file" in refused(capsys, main, "--baseline-ckpt", str(runs["bf16"]), "--qat-ckpt", "absent.ckpt", *common)
     assert "--val-batches=0 must be >= 1" in refused(capsys, main, "--baseline-ckpt", str(runs["bf16"]), "--qat-ckpt", str(runs["gguf_q4_0"]), "--val-batches", "0", *common)
-    # the 16-bit run is not a Q4_0 model: export_gguf's own one-line refusal, nothing written
+    # a checkpoint of the wrong kind: one line, before anything is written
     line = refused(capsys, main, "--baseline-ckpt", str(runs["bf16"]), "--qat-ckpt", str(runs["bf16"]), *common)
-    assert "has 16-bit weights; this arm needs 4 (train it with quant=gguf_q4_0)" in line
+    assert "has 16-bit weights; this arm needs 4-bit (train it with quant=gguf_q4_0)" in line
     line = refused(capsys, main, "--baseline-ckpt", str(runs["gguf_q4_0"]), "--qat-ckpt", str(runs["gguf_q4_0"]), *common)
-    assert "has 4-bit weights; this arm needs 16 (train it with quant=bf16)" in line
+    assert "has 4-bit weights; this arm needs 16-bit (train it with quant=bf16)" in line
+    line = refused(capsys, main, "--baseline-ckpt", str(runs["bf16"]), "--qat-ckpt", str(runs["gguf_q4_0"]), "--type", "q4_1", *common)
+    assert "has 4-bit weights; this arm needs 4-bit asymmetric (train it with quant=gguf_q4_1)" in line
     assert not (tmp_path / "o").exists()
