@@ -5,7 +5,8 @@
 
 One process, one model directory (any save_pretrained Llama). Rows: `transformers` fp32 (the
 reference), our unquantized import, fake-quant W4A4 and W4A16 (eval: the quantized weights are
-computed once and kept), and packed W4A4, W4A16 and W2A16 (exported and loaded as
+computed once and kept; W4A16 also with the input rotation folded into the cached weight, as
+generate.py --ckpt decodes), and packed W4A4, W4A16 and W2A16 (exported and loaded as
 scripts/export.py and load_packed do; "auto" backend: float32 models keep the decoded weight,
 bfloat16 models run torch's int4 kernel). Quantized rows use full Hadamard
 rotation, the model=hf default. For each: greedy decoding at batch 1 (a short prompt is
@@ -97,10 +98,13 @@ def build_rows(model_dir: str, tokens: int, prefill: int) -> list[tuple[str, Cal
     from qat.hf.tokenizer import checkpoint_tokenizer
     from qat.packed.export import export_packed
     from qat.packed.load import load_packed
+    from qat.quant.linear import fold_input_rotations
 
-    def fake(w: int, a: int) -> torch.nn.Module:
+    def fake(w: int, a: int, fold: bool = False) -> torch.nn.Module:
         net = load_hf_llama(model_dir)
         quantize_model(net, QuantizerConfig(bits=w, hadamard_block="full"), QuantizerConfig(bits=a, hadamard_block="full"))
+        if fold:
+            fold_input_rotations(net)
         return net
 
     def packed(w: int, a: int, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
@@ -112,6 +116,7 @@ def build_rows(model_dir: str, tokens: int, prefill: int) -> list[tuple[str, Cal
         ("ours, unquantized import", lambda: load_hf_llama(model_dir)),
         ("fake-quant W4A4 (eval, cached)", lambda: fake(4, 4)),
         ("fake-quant W4A16 (eval, cached)", lambda: fake(4, 16)),
+        ("fake-quant W4A16 (eval, cached, input rotation moved into the weight, as generate.py decodes)", lambda: fake(4, 16, fold=True)),
         ("packed W4A4", lambda: packed(4, 4)),
         ("packed W4A16", lambda: packed(4, 16)),
         ("packed W2A16", lambda: packed(2, 16)),

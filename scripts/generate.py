@@ -16,6 +16,7 @@ import torch
 
 from qat.inference.generation import generate, sample_text
 from qat.inference.loading import load_model
+from qat.quant.linear import fold_input_rotations
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-cache", action="store_true", help="recompute the whole context for every token (slow; for checks)")
+    p.add_argument("--unfolded", action="store_true",
+                   help="--ckpt: rotate every 16-bit input as training does, instead of folding the rotation into the cached weight (bit for bit training's forward; slower)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--backend", choices=["auto", "torch", "triton", "cpu"], default="auto",
                    help="a packed model's kernels: auto = Triton on CUDA, the int4 kernel path on the CPU (cpu), torch = the reference; triton on the CPU needs TRITON_INTERPRET=1")
@@ -42,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
         return 2
+    if not args.unfolded:
+        fold_input_rotations(model.net)  # a no-op for a packed model and for quantized inputs
     tok = model.tokenizer
     prompt = tok.encode(args.prompt) if args.prompt else [tok.eos_id]
     gen = torch.Generator().manual_seed(args.seed)

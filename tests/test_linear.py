@@ -182,3 +182,48 @@ def test_training_is_unaffected_by_the_cache():
     layer.eval()
     out = layer(x)  # eval WITH autograd (e.g. gradient alignment): recomputed, differentiable
     assert out.requires_grad and layer._weight_cache is None
+
+
+# ---- folding a 16-bit input's rotation into the cached weight (decoding) ----------------------
+
+
+@pytest.mark.parametrize("block", [64, "full"])  # "full" on 96 = 12 x 8: a Paley factor, not symmetric
+def test_folded_rotation_computes_the_same_layer(block):
+    from qat.quant.linear import fold_input_rotations
+
+    torch.manual_seed(0)
+    w4, a16 = QuantizerConfig(bits=4, hadamard_block=block), QuantizerConfig(bits=16, hadamard_block=block)
+    layer = QuantLinear.from_linear(nn.Linear(192 if block == 64 else 96, 32), w4, a16).double().eval()
+    x = torch.randn(3, 5, layer.in_features, dtype=torch.float64)
+    with torch.no_grad():
+        reference = layer(x)
+        assert fold_input_rotations(nn.Sequential(layer)) == ["0"] and layer.fold_input_rotation
+        folded = layer(x)
+        assert layer._weight_cache[0][0] is True  # the folded weight is what is cached
+    assert (folded - reference).abs().max() < 1e-12 * reference.abs().max()
+    # training and autograd keep training's forward, bit for bit
+    layer.train()
+    assert torch.equal(layer(x).detach(), reference) and layer._weight_cache is None
+
+
+def test_only_16_bit_rotated_inputs_are_folded():
+    from qat.quant.linear import fold_input_rotations
+
+    torch.manual_seed(1)
+    net = Llama(llama_config("debug", vocab_size=64))
+    quantize_model(net, QuantizerConfig(bits=4), QuantizerConfig(bits=16))
+    mlp = net.layers[0].mlp
+    for name in ("gate", "up", "down"):  # W4A4 there
+        setattr(mlp, name, QuantLinear.from_linear(getattr(mlp, name).to_linear(), QuantizerConfig(bits=4), QuantizerConfig(bits=4)))
+    net.eval()
+    idx = torch.randint(0, 64, (2, 12))
+    with torch.no_grad():
+        before = net(idx)
+        folded = fold_input_rotations(net)
+        after = net(idx)
+    assert "layers.0.attn.qkv" in folded and not any(n.startswith("layers.0.mlp") for n in folded)
+    assert len(folded) == 5 * net.cfg.n_layer - 3
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        net.layers[1].attn.qkv.weight.mul_(2)  # in place (as an optimizer step): the folded cache must follow
+        assert not torch.allclose(net(idx), after)

@@ -8,6 +8,7 @@ state dicts stay interchangeable with nn.Linear.
 In eval without autograd (validation, evaluation, generation) the quantized weight is computed
 once and reused: the weights do not change between decoding steps, and re-rotating and
 re-quantizing every matrix for every token was most of a decode step on a real model.
+`fold_input_rotations(net)` goes one step further for decoding 16-bit-input layers.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qat.quant.config import QuantizerConfig
+from qat.quant.hadamard import hadamard_transform
 from qat.quant.quantizer import Quantizer
 
 ConfigLike = QuantizerConfig | Mapping[str, Any] | None
@@ -53,8 +55,14 @@ class QuantLinear(nn.Linear):
             )
 
         self._weight_cache: tuple[tuple, torch.Tensor] | None = None
+        # Opt-in (fold_input_rotations): in eval without autograd a 16-bit input is not rotated;
+        # the cached weight is rotated back instead. The same product within float error, not
+        # bit for bit, so training's forward and evaluation keep the rotated form.
+        self.fold_input_rotation = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fold_input_rotation and self._can_fold() and self._caching():
+            return F.linear(x, self._cached_weight(folded=True), self.bias)
         return F.linear(self.input_quantizer(x), self.quantized_weight(), self.bias)
 
     def quantized_weight(self) -> torch.Tensor:
@@ -63,15 +71,27 @@ class QuantLinear(nn.Linear):
         load_state_dict bumps it), the quantizer and its config, and the same of its learned
         scale; train() drops it.
         Training, autograd and compiled graphs always recompute."""
-        if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return self.weight_quantizer(self.weight)
+        return self._cached_weight(folded=False) if self._caching() else self.weight_quantizer(self.weight)
+
+    def _caching(self) -> bool:
+        return not (self.training or torch.is_grad_enabled() or torch.compiler.is_compiling())
+
+    def _can_fold(self) -> bool:
+        """A 16-bit input whose only transform is the rotation: (x H) Q^T = x (Q H^T)^T."""
+        a = self.input_quantizer.cfg
+        return not a.enabled and a.sparsity == "none" and self.weight_quantizer.cfg.rotation == "hadamard"
+
+    def _cached_weight(self, folded: bool) -> torch.Tensor:
         quantizer = self.weight_quantizer  # swapped or re-configured (sensitivity probes): a new key
-        key = (id(quantizer), quantizer.cfg, _version_key(self.weight), *(_version_key(t) for t in (*quantizer.parameters(), *quantizer.buffers())))
-        if None in key:
-            return self.weight_quantizer(self.weight)
-        if self._weight_cache is None or self._weight_cache[0] != key:
-            self._weight_cache = (key, self.weight_quantizer(self.weight))
-        return self._weight_cache[1]
+        key = (folded, id(quantizer), quantizer.cfg, _version_key(self.weight), *(_version_key(t) for t in (*quantizer.parameters(), *quantizer.buffers())))
+        if None not in key and self._weight_cache is not None and self._weight_cache[0] == key:
+            return self._weight_cache[1]
+        weight = quantizer(self.weight)
+        if folded:  # back to the input's own basis by H^T (H^-1; a Paley block is not symmetric)
+            weight = hadamard_transform(weight, quantizer.cfg.hadamard_block, inverse=True)
+        if None not in key:
+            self._weight_cache = (key, weight)
+        return weight
 
     def train(self, mode: bool = True) -> QuantLinear:
         self._weight_cache = None
@@ -102,3 +122,17 @@ class QuantLinear(nn.Linear):
         linear.weight = self.weight
         linear.bias = self.bias
         return linear
+
+
+def fold_input_rotations(net: nn.Module) -> list[str]:
+    """For decoding: every QuantLinear with a 16-bit, rotated input multiplies its input as is
+    by the cached Q(W H) H^T (eval without autograd only; training is untouched). Removes the
+    per-token rotation, the rest of a W4A16 decode step's overhead over a plain Linear. The
+    logits equal the unfolded model's within float32 error. Returns the folded layers' names."""
+    folded = []
+    for name, module in net.named_modules():
+        if isinstance(module, QuantLinear) and module._can_fold():
+            module.fold_input_rotation = True
+            module._weight_cache = None
+            folded.append(name)
+    return folded
