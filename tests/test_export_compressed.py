@@ -104,7 +104,7 @@ def test_cli_from_elsewhere_and_one_line_refusals(tmp_path, capsys):
     assert proc.returncode == 0 and "W8A16, one scale per channel, 7 layers" in proc.stdout, proc.stderr[-2000:]
     assert "exists and is not empty" in refused(capsys, main, "--ckpt", str(good), "--out", str(tmp_path / "ct"))
     for overrides, expected in (
-        (["quant=quest"], "layer layers.0.attn.qkv: activation bits=4 (W4A16 / W8A16: need 16); weight rotation='hadamard'"),
+        (["quant=quest"], "layer layers.0.attn.qkv: activation bits=4 (vLLM computes 16-bit activations; need 16); weight rotation='hadamard'"),
         (["quant=ct_w4a16_g128", "quant.weight.scale_dtype=float32"], "weight scale_dtype='float32'"),
         (["quant=bf16"], "an unquantized weight"),
         (["quant=ct_w4a16_g128", "quant.weight.grid=int"], "weight grid='int'"),

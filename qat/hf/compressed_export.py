@@ -28,6 +28,7 @@ from torch import nn
 from qat.hf.convert import hf_state_dict
 from qat.hf.export import plain_state, write_hf_dir
 from qat.io import atomic_directory, check_output_dir
+from qat.quant.engine_limits import weight_only_problems
 from qat.quant.linear import QuantLinear
 from qat.quant.quantizer import fake_quantize
 
@@ -48,29 +49,14 @@ def layer_problems(layer: nn.Module) -> list[str]:
     """Why a block linear cannot be stored as symmetric pack-quantized weights (empty: it can)."""
     if not isinstance(layer, QuantLinear) or not layer.weight_quantizer.cfg.enabled:
         return ["an unquantized weight (every block linear must be quantized: quant=ct_w4a16_g128 or ct_w8a16)"]
-    w, a = layer.weight_quantizer.cfg, layer.input_quantizer.cfg
-    problems = []
-    if a.enabled:
-        problems.append(f"activation bits={a.bits:g} (W4A16 / W8A16: need 16)")
-    for side, cfg in (("weight", w), ("activation", a)):
-        if cfg.rotation != "none":
-            problems.append(f"{side} rotation={cfg.rotation!r} (vLLM applies no rotation; need 'none')")
+    w = layer.weight_quantizer.cfg
+    problems = weight_only_problems(layer, "vLLM")
     if w.bits not in BITS:
         problems.append(f"weight bits={w.bits:g} (need 4 or 8)")
     if w.grid != "int_zero":
         problems.append(f"weight grid={w.grid!r} (symmetric integer levels k*d: need 'int_zero')")
     if w.asymmetric:
         problems.append("weight asymmetric=true (the presets here are symmetric: need false)")
-    if w.scale_dtype != "float16":
-        problems.append(f"weight scale_dtype={w.scale_dtype!r} (d must be exact in float16 and float32: need 'float16')")
-    if w.learnable_scale:
-        problems.append("weight scale='lsq' (a learned scale is not one d per group)")
-    if w.sparsity != "none":
-        problems.append(f"weight sparsity={w.sparsity!r} (need 'none')")
-    if layer.weight.dtype != torch.float32:
-        problems.append(f"weight dtype {layer.weight.dtype} (need float32)")
-    if layer.bias is not None:
-        problems.append("a bias (the Llama has none)")
     return problems
 
 

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from qat.quant.engine_limits import weight_only_problems
 from qat.quant.linear import QuantLinear
 from qat.quant.quantizer import fake_quantize
 
@@ -67,34 +68,20 @@ def layer_problems(layer: nn.Module) -> list[str]:
     """Why llama.cpp cannot compute this linear exactly as training did (empty: it can)."""
     if not isinstance(layer, QuantLinear):
         return [] if layer.bias is None else ["a bias (the Llama has none)"]
-    w, a = layer.weight_quantizer.cfg, layer.input_quantizer.cfg
-    problems = []
-    if a.enabled:
-        problems.append(f"activation bits={a.bits:g} (llama.cpp does not quantize activations this way; need 16)")
-    for side, cfg in (("weight", w), ("activation", a)):
-        if cfg.rotation != "none":
-            problems.append(f"{side} rotation={cfg.rotation!r} (llama.cpp applies no rotation; need 'none')")
-    if w.sparsity != "none":
-        problems.append(f"weight sparsity={w.sparsity!r} (need 'none')")
-    if w.enabled:
-        if w.asymmetric and w.bits != 4:
-            problems.append(f"weight bits={w.bits:g} with asymmetric=true (Q4_1: need 4)")
-        if not w.asymmetric and w.bits not in (4, 8):
-            problems.append(f"weight bits={w.bits:g} (Q4_0 / Q8_0: need 4 or 8)")
-        if not w.asymmetric and w.grid != "int_zero":
-            problems.append(f"weight grid={w.grid!r} (Q4_0 / Q8_0 levels are k*d: need 'int_zero', or Q4_1's grid 'int' with asymmetric=true)")
-        if w.granularity != BLOCK:
-            problems.append(f"weight granularity={w.granularity!r} (one d per {BLOCK} weights: need {BLOCK})")
-        if w.scale_dtype != "float16":
-            problems.append(f"weight scale_dtype={w.scale_dtype!r} (the file stores d as float16: need 'float16')")
-        if w.learnable_scale:
-            problems.append("weight scale='lsq' (a learned scale is not one d per block)")
-        if layer.in_features % BLOCK:
-            problems.append(f"in_features={layer.in_features} (not a multiple of {BLOCK})")
-        if layer.weight.dtype not in (torch.float32, torch.float64):
-            problems.append(f"weight dtype {layer.weight.dtype} (k*d is exact in float32; need float32)")
-    if layer.bias is not None:
-        problems.append("a bias (the Llama has none)")
+    w = layer.weight_quantizer.cfg
+    if not w.enabled:  # a 16-bit weight is stored F32; only the input side can be wrong
+        return [p for p in weight_only_problems(layer, "llama.cpp") if not p.startswith(("weight scale_dtype", "weight dtype"))]
+    problems = weight_only_problems(layer, "llama.cpp")
+    if w.asymmetric and w.bits != 4:
+        problems.append(f"weight bits={w.bits:g} with asymmetric=true (Q4_1: need 4)")
+    if not w.asymmetric and w.bits not in (4, 8):
+        problems.append(f"weight bits={w.bits:g} (Q4_0 / Q8_0: need 4 or 8)")
+    if not w.asymmetric and w.grid != "int_zero":
+        problems.append(f"weight grid={w.grid!r} (Q4_0 / Q8_0 levels are k*d: need 'int_zero', or Q4_1's grid 'int' with asymmetric=true)")
+    if w.granularity != BLOCK:
+        problems.append(f"weight granularity={w.granularity!r} (one d per {BLOCK} weights: need {BLOCK})")
+    if layer.in_features % BLOCK:
+        problems.append(f"in_features={layer.in_features} (not a multiple of {BLOCK})")
     return problems
 
 
