@@ -437,6 +437,26 @@ def test_command_line_after_a_real_training_run(trained, tmp_path):
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ")
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["gguf_q4_0", "gguf_q4_1"])
+def test_ste_trains_and_exports_bit_exact(preset, tmp_path):
+    """Both estimators work with the GGUF presets: 10 steps with STE move the weights (the loss
+    falls) and the export still decodes to training's weights bit for bit."""
+    from conftest import run_train
+
+    run_train(tmp_path / "run", "model=debug-xs", f"quant={preset}", "quant.weight.estimator=ste", "trainer.max_steps=10",
+              "trainer.val_check_interval=10", "checkpoint.every_n_steps=10")
+    result = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert result["status"] == "completed" and result["val_loss"] < math.log(257)
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    kind = "Q4_1" if preset == "gguf_q4_1" else "Q4_0"
+    assert export_gguf(ckpt, tmp_path / "ste.gguf")[kind] == 7
+    file, net = read(tmp_path / "ste.gguf"), load_trained(ckpt).net
+    assert net.layers[0].mlp.up.weight_quantizer.cfg.estimator == "ste"
+    for name, trained in trained_weights(net).items():
+        assert np.array_equal(decoded(file, name).view(np.uint32), trained.view(np.uint32)), name
+
+
 # pip install -e ".[llamacpp]" (builds llama.cpp); checked before any fixture trains a model.
 needs_llama_cpp = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed")
 
