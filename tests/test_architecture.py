@@ -170,6 +170,7 @@ print("ok")
 """
 
 
+@pytest.mark.slow  # subprocesses or compilation: out of the quick loop, in CI's suite
 @pytest.mark.parametrize("order", ["transformers-first", "qat-first"])
 @pytest.mark.parametrize("where", ["root", "elsewhere"])
 def test_transformers_and_qat_import_together(order, where, tmp_path):

@@ -92,6 +92,7 @@ def test_transformers_with_compressed_tensors_computes_our_model(exported):
     assert (theirs - ours).abs().max() < 1e-5 * ours.abs().max()
 
 
+@pytest.mark.slow  # subprocesses or compilation: out of the quick loop, in CI's suite
 def test_cli_from_elsewhere_and_one_line_refusals(tmp_path, capsys):
     sys.path.insert(0, str(ROOT / "scripts"))
     try:

@@ -291,6 +291,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow  # subprocesses or compilation: out of the quick loop, in CI's suite
 def test_kernels_compile_for_hopper_without_a_gpu():
     # The compiled path, checked where only the interpreter runs: it builds for sm_90 with
     # Triton's bundled ptxas, rotates on wgmma, divides with IEEE rounding and has no FMA

@@ -184,6 +184,7 @@ def test_bf16_autocast_with_an_fp32_cache():
     torch.testing.assert_close(cached.float(), full.float(), atol=0.1, rtol=0.05)
 
 
+@pytest.mark.slow  # subprocesses or compilation: out of the quick loop, in CI's suite
 def test_decode_step_compiles_without_graph_breaks():
     model = tiny_model(torch.float32, n_kv_head=2)
     idx = random_tokens(seq_len=9)

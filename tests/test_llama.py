@@ -316,6 +316,7 @@ def test_linear_modules_are_the_documented_ones():
     assert "rope_cache" not in model.state_dict()
 
 
+@pytest.mark.slow  # subprocesses or compilation: out of the quick loop, in CI's suite
 def test_bf16_autocast_and_compile_agree_with_eager():
     torch.manual_seed(0)
     model = Llama(tiny_config())

@@ -3,6 +3,7 @@
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from qat.models.llama import Llama
@@ -52,6 +53,7 @@ def test_collect_stats_covers_every_quantizer_and_changes_nothing():
     assert "quant/layers.0.mlp.down.input_quantizer/masked_fraction" in metrics and "quant/mean_rel_error" in metrics
 
 
+@pytest.mark.slow  # subprocesses or compilation: out of the quick loop, in CI's suite
 def test_telemetry_does_not_recompile_the_training_graph():
     net = _net(bits=4)
     idx = torch.randint(0, 64, (2, 32), generator=torch.Generator().manual_seed(1))
