@@ -76,3 +76,36 @@ def test_last_only_logits_are_the_last_row_of_the_full_forward():
         assert last.shape == (2, 1, 64) and cache.length == 9
         torch.testing.assert_close(last, full[:, -1:], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(net(idx, last_only=True), full[:, -1:], rtol=1e-5, atol=1e-6)  # one row: another GEMM blocking
+
+
+def test_generate_script_folds_16_bit_rotations_unless_unfolded(tmp_path, capsys, monkeypatch):
+    """generate.py --ckpt on a W4A16 Hadamard checkpoint: by default the rotation is folded into
+    the cached weights (fold_input_rotations), with --unfolded it is not; greedy text is the same."""
+    import importlib.util
+
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from conftest import ROOT
+    from qat.quant import linear as linear_module
+    from qat.train.checkpoint import write_model_checkpoint
+    from qat.train.lifecycle import build_net
+
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = OmegaConf.to_container(compose("train", overrides=["model=debug-xs", "quant.activation.bits=16"]), resolve=True)
+    torch.manual_seed(0)
+    net = build_net(cfg, instantiate(OmegaConf.create(cfg["tokenizer"])).vocab_size)
+    ckpt = write_model_checkpoint(tmp_path / "w4a16.ckpt", net, cfg, step=1)
+    spec = importlib.util.spec_from_file_location("generate_script", ROOT / "scripts" / "generate.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    folded = []
+    monkeypatch.setattr(script, "fold_input_rotations", lambda n: folded.append(linear_module.fold_input_rotations(n)))
+    monkeypatch.chdir(tmp_path)
+    texts = []
+    for extra in ([], ["--unfolded"]):
+        assert script.main(["--ckpt", str(ckpt), "--prompt", "farm:", "--tokens", "16", "--temperature", "0", *extra]) == 0
+        texts.append(capsys.readouterr().out.split("---\n")[1].split("\n[")[0])
+    assert len(folded) == 1 and len(folded[0]) == 5  # the default run folded all five linears of the block
+    assert texts[0] == texts[1]
