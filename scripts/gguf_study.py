@@ -33,12 +33,11 @@ from qat.inference.evaluation import loss_over
 from qat.inference.llama_cpp import quantize_gguf, require_llama_cpp, speed, window_loss
 from qat.io import atomic_write_json, atomic_write_text
 from qat.packed.gguf_export import export_gguf
-from qat.train.checkpoint import load_trained, read_checkpoint
+from qat.train.checkpoint import LoadedModel, load_trained, read_checkpoint
 
 
-def heldout_batches(ckpt: str | Path, limit: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The checkpoint's own validation (x, y) batches, the first `limit` of them."""
-    loaded = load_trained(ckpt)
+def heldout_batches(loaded: LoadedModel, limit: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A loaded checkpoint's own validation (x, y) batches, the first `limit` of them."""
     dm = instantiate(OmegaConf.create(loaded.config)["data"], tokenizer=loaded.tokenizer)
     dm.prepare_data()
     dm.setup("validate")
@@ -48,7 +47,7 @@ def heldout_batches(ckpt: str | Path, limit: int) -> list[tuple[torch.Tensor, to
             break
         batches.append((x, y))
     if not batches:
-        raise ValueError(f"{ckpt}: its data config yields no validation batches")
+        raise ValueError("the QAT checkpoint's data config yields no validation batches")
     return batches
 
 
@@ -60,10 +59,6 @@ def windows_of(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> list[list[in
             raise ValueError("validation targets are not the inputs shifted by one token")
         windows += torch.cat([x, y[:, -1:]], dim=1).tolist()
     return windows
-
-
-def our_loss(ckpt: str | Path, batches: list) -> float:
-    return loss_over(load_trained(ckpt).net, batches)["loss"]
 
 
 def markdown(rows: list[dict], removed: float, kind: str) -> str:
@@ -123,10 +118,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     quantize_gguf(files["16-bit"], files[ptq], args.type, embeddings="q8_0", threads=args.threads)
-    batches = heldout_batches(args.qat_ckpt, args.val_batches)
+    trained = load_trained(args.qat_ckpt)  # once: its validation data and its loss
+    batches = heldout_batches(trained, args.val_batches)
     windows = windows_of(batches)
     prompt = windows[0][: args.prefill]
-    ours = {"16-bit": our_loss(args.baseline_ckpt, batches), ptq: None, qat: our_loss(args.qat_ckpt, batches)}
+    ours = {"16-bit": loss_over(load_trained(args.baseline_ckpt).net, batches)["loss"], ptq: None, qat: loss_over(trained.net, batches)["loss"]}
     rows = []
     for name, path in files.items():
         scored = window_loss(path, windows, args.threads)

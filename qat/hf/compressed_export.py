@@ -61,8 +61,9 @@ def layer_problems(layer: nn.Module) -> list[str]:
 
 
 def block_linears(net: nn.Module) -> dict[str, nn.Module]:
-    return {f"layers.{i}.{name}": m for i, block in enumerate(net.layers) for name, m in
-            (("attn.qkv", block.attn.qkv), ("attn.proj", block.attn.proj), ("mlp.gate", block.mlp.gate), ("mlp.up", block.mlp.up), ("mlp.down", block.mlp.down))}
+    from qat.train.lifecycle import block_linears as swappable  # Lightning only for this entry point
+
+    return swappable(net)
 
 
 def check_exportable(net: nn.Module) -> dict[str, Any]:
