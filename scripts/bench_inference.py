@@ -79,15 +79,16 @@ def transformers_rates(model, prompt: list[int], tokens: int, prefill: int, voca
     return tokens / best_of(decode), prefill / best_of(wall(lambda: model(long, use_cache=False)))
 
 
-def llama_cpp_decode_rate(gguf: str, prompt: list[int], tokens: int) -> float | None:
-    """llama.cpp's greedy decode rate on the same threads, or None without llama-cpp-python."""
-    from qat.inference.llama_cpp import require_llama_cpp, speed
-
+def llama_cpp_rate(gguf: str, prompt: str, tokens: int) -> float | None:
     try:
-        require_llama_cpp()
-    except ValueError:
+        from llama_cpp import Llama as LlamaCpp
+    except ImportError:
         return None
-    return speed(gguf, prompt, tokens, torch.get_num_threads())["decode_tokens_per_s"]
+    llm = LlamaCpp(model_path=gguf, n_threads=torch.get_num_threads(), n_ctx=512, verbose=False)
+    llm(prompt, max_tokens=4, temperature=0.0)  # warm-up
+    started = time.perf_counter()
+    out = llm(prompt, max_tokens=tokens, temperature=0.0)
+    return out["usage"]["completion_tokens"] / (time.perf_counter() - started)
 
 
 def build_rows(model_dir: str, tokens: int, prefill: int) -> list[tuple[str, Callable[[], torch.nn.Module]]]:
@@ -179,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         dec, pre = our_rates(build(), prompt, args.tokens, args.prefill, vocab)
         rows.append((name, dec, pre))
         print(f"{name}: decode {dec:.1f} tokens/s ({dec / reference[0]:.2f}x), prefill {pre:.0f} tokens/s ({pre / reference[1]:.2f}x)", flush=True)
-    llama_cpp = llama_cpp_decode_rate(args.gguf, prompt, args.tokens) if args.gguf else None
+    llama_cpp = llama_cpp_rate(args.gguf, text, args.tokens) if args.gguf else None
     header = f"{Path(args.model).name}: {torch.get_num_threads()} threads, torch {torch.__version__}, decode {args.tokens} tokens, prefill {args.prefill}"
     out = table(rows, reference, llama_cpp, header)
     print(out)
