@@ -78,6 +78,7 @@ def test_last_only_logits_are_the_last_row_of_the_full_forward():
         torch.testing.assert_close(net(idx, last_only=True), full[:, -1:], rtol=1e-5, atol=1e-6)  # one row: another GEMM blocking
 
 
+@pytest.mark.slow  # a script end to end: out of the quick loop
 def test_generate_script_folds_16_bit_rotations_unless_unfolded(tmp_path, capsys, monkeypatch):
     """generate.py --ckpt on a W4A16 Hadamard checkpoint: by default the rotation is folded into
     the cached weights (fold_input_rotations), with --unfolded it is not; greedy text is the same."""
