@@ -42,6 +42,7 @@ from qat.train.checkpoint import (
     newest_checkpoint,
     remove_stale_temp_files,
 )
+from qat.train.distill import DistillConfig, Teacher, check_same_teacher, check_teacher, load_teacher, teacher_identity
 from qat.train.faults import Diverged, DivergenceGuard, Interrupted, SignalCheckpoint
 from qat.train.lifecycle import build_net, check_model, layer_precisions, peak_lr, quantization_metadata, quantization_summary
 from qat.train.lit_module import QATModule
@@ -85,11 +86,13 @@ class Parts(NamedTuple):
     resume_from: Path | None
     start_step: int
     init: dict | None  # init_from's record (None: the model's own init or a resume)
+    teacher: Teacher | None  # distill=kd's frozen teacher (None: cross-entropy only)
 
 
-def choose_resume(cfg: DictConfig, run_dir: Path, run: RunConfig) -> tuple[Path | None, int]:
+def choose_resume(cfg: DictConfig, run_dir: Path, run: RunConfig, teacher: dict[str, str] | None = None) -> tuple[Path | None, int]:
     """The newest loadable checkpoint of this run directory (none with resume=false), checked
-    to be of the same model, quantization, tokenizer and data as this command."""
+    to be of the same model, quantization, tokenizer and data as this command, and distilled
+    from the same teacher (its content hash; `teacher` is its identity, None without one)."""
     removed = remove_stale_temp_files(run_dir)
     if removed and local_rank() == 0:
         print(f"removed {len(removed)} temp file(s) of an interrupted write")
@@ -97,6 +100,8 @@ def choose_resume(cfg: DictConfig, run_dir: Path, run: RunConfig) -> tuple[Path 
     if found is None:
         return None, 0
     path, ckpt = found
+    if teacher is not None:
+        check_same_teacher(ckpt.get("distill_teacher"), teacher, path)
     differ = config_differences(ckpt.get("config") or {}, OmegaConf.to_container(cfg, resolve=True))
     if differ:
         raise ConfigError(
@@ -120,13 +125,16 @@ def build(cfg: DictConfig, run_dir: Path, multirun: bool, overrides: Sequence[st
     check_scheduler(cfg)
     check_launch(cfg, multirun)
     check_model(cfg)  # a size-table row, or model=hf: a checkpoint directory we can load
+    distill = DistillConfig.from_cfg(cfg)
     tokenizer = instantiate(cfg.tokenizer)
+    teacher_dir = check_teacher(distill, cfg.model, OmegaConf.select(cfg, "tokenizer.path"), tokenizer.vocab_size) if distill.enabled else None
     probe = build_net(cfg, tokenizer.vocab_size, device="meta")  # every layer's dims vs the quantizers, free
     budget = resolve_max_steps(cfg, probe.num_params(non_embedding=True), overrides)
     if run.skip_completed and is_completed(run_dir):
         print(f"skipping {run_dir}: results.json says completed")
         return None
-    resume_from, start_step = choose_resume(cfg, run_dir, run)
+    identity = teacher_identity(teacher_dir) if teacher_dir is not None else None
+    resume_from, start_step = choose_resume(cfg, run_dir, run, identity)
     L.seed_everything(run.seed, workers=True)
 
     # 1. Data: tokenized once into a cache (rank 0 here; the other ranks then hit the cache).
@@ -145,6 +153,11 @@ def build(cfg: DictConfig, run_dir: Path, multirun: bool, overrides: Sequence[st
             print(f"initial weights from {init['path']} (step {init['step']}{', ' + init['ptq'] if init['ptq'] else ''})")
         print(f"max_steps {budget.steps:,} from {budget.source}")
 
+    # The frozen teacher (distill=kd): the 16-bit model, never quantized, trained or saved.
+    teacher = Teacher(load_teacher(teacher_dir, tokenizer.vocab_size, distill.teacher_dtype), distill, identity) if teacher_dir else None
+    if teacher and local_rank() == 0:
+        print(f"distillation from {identity['path']} (sha256 {identity['sha256'][:12]}, {distill.teacher_dtype}, T={distill.temperature:g}, ce_weight={distill.ce_weight:g})")
+
     # 4. Compile after quantization, in place (state-dict keys stay the plain model's).
     if run.compile:
         net.compile()
@@ -157,8 +170,9 @@ def build(cfg: DictConfig, run_dir: Path, multirun: bool, overrides: Sequence[st
         scheduler=instantiate(cfg.scheduler),
         flops_per_token=flops_per_token(net.cfg, cfg.data.seq_len),
         extra_checkpoint={"config": OmegaConf.to_container(cfg, resolve=True)},
+        teacher=teacher,
     )
-    return Parts(run, module, datamodule, budget, resume_from, start_step, init)
+    return Parts(run, module, datamodule, budget, resume_from, start_step, init, teacher)
 
 
 def train(cfg: DictConfig, run_dir: Path, multirun: bool = False, overrides: list[str] | None = None) -> dict:
@@ -166,7 +180,7 @@ def train(cfg: DictConfig, run_dir: Path, multirun: bool = False, overrides: lis
         parts = build(cfg, run_dir, multirun, overrides or ())
     if parts is None:
         return read_results(run_dir)
-    run, module, datamodule, budget, resume_from, start_step, init = parts
+    run, module, datamodule, budget, resume_from, start_step, init, teacher = parts
     max_steps = budget.steps
 
     # 6. Trainer: checkpoints every N steps plus last, written atomically; telemetry; faults; record.
@@ -197,6 +211,8 @@ def train(cfg: DictConfig, run_dir: Path, multirun: bool = False, overrides: lis
     record.update(non_embedding_params=net.num_params(non_embedding=True), total_params=net.num_params(non_embedding=False), max_steps=max_steps, max_steps_source=budget.source)
     if init:
         record.update(init_from=init)
+    if teacher:
+        record.update(distill_teacher=teacher.identity)
     trainer.callbacks.append(StepRecorder(record, tokens_per_step(cfg), every))
 
     # 7. Fit (resuming from the newest valid checkpoint of this run directory), then a final
@@ -239,6 +255,7 @@ def train(cfg: DictConfig, run_dir: Path, multirun: bool = False, overrides: lis
         loss_floor=datamodule.loss_floor,
         unigram_loss=datamodule.unigram_loss,
         checkpoint=str(final),
+        **({"val_kl": float(metrics["val/kl"]), "val_top1_agree": float(metrics["val/top1_agree"])} if teacher else {}),
     )
     record.write("completed")
     if trainer.is_global_zero:
@@ -253,7 +270,8 @@ def print_summary(r: dict) -> None:
     print(
         f"\n=== {r['model']} {r['precision']} ({r['quant_preset']}) after {r['step']} steps, {r['tokens']:,} tokens ===\n"
         f"val loss {r['val_loss']:.4f} | ppl {r['val_ppl']:.2f} | loss floor {floor} | unigram baseline {unigram}\n"
-        f"tokens/s {speed} | wall time {r['wall_time_s']:.1f} s | checkpoint {r['checkpoint']}\n"
+        + (f"val KL to the teacher {r['val_kl']:.4f} | same top-1 {100 * r['val_top1_agree']:.2f}%\n" if "val_kl" in r else "")
+        + f"tokens/s {speed} | wall time {r['wall_time_s']:.1f} s | checkpoint {r['checkpoint']}\n"
         f"results {Path(r['run_dir']) / 'results.json'}"
     )
 

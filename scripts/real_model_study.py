@@ -59,10 +59,10 @@ ARMS = [
     Arm("qat-w4a16-full-from-rtn", "qat", W4A16),
     Arm("qat-w2a16-full-from-rtn", "qat", W2A16),
     # llama.cpp's Q4_0 / Q4_1, trained as the file stores them (scripts/gguf_study.py measures them
-    # in llama.cpp). Without a rotation the MSE scale clips a pretrained model's outlier weights,
-    # and the trust estimator then keeps them clipped; absmax (llama.cpp's own rule) clips nothing.
-    *(Arm(f"{m}-gguf-{t}{s}", m, [f"quant=gguf_{t}", *(["quant.weight.scale=absmax"] if s else [])])
-      for t in ("q4_0", "q4_1") for s in ("", "-absmax") for m in ("rtn", "qat")),
+    # in llama.cpp). The presets' absmax scale (llama.cpp's own rule) clips nothing; the "-mse" arms
+    # show why it is the default: without a rotation the MSE scale clips a pretrained model's outliers.
+    *(Arm(f"{m}-gguf-{t}{s}", m, [f"quant=gguf_{t}", *(["quant.weight.scale=rms_mse"] if s else [])])
+      for t in ("q4_0", "q4_1") for s in ("", "-mse") for m in ("rtn", "qat")),
 ]
 FIELDS = ["arm", "method", "quant", "tokens_seen", "val_loss", "val_ppl", "wall_s", "eval_s", "peak_mem_gib", "command"]
 

@@ -30,10 +30,10 @@ def test_each_arm_composes_to_its_named_precision(arm, tmp_path):
     if name in ("16-bit", "finetune-16-bit"):
         assert (w.bits, a.bits) == (16, 16)
     elif "-gguf-" in name:  # llama.cpp's types: weight-only, no rotation, blocks of 32
-        kind = name.split("-gguf-")[1].removesuffix("-absmax")
+        kind = name.split("-gguf-")[1].removesuffix("-mse")
         assert (w.bits, a.bits, w.rotation, w.granularity, w.scale_dtype) == (4, 16, "none", 32, "float16")
         assert (w.grid, w.asymmetric) == {"q4_0": ("int_zero", False), "q4_1": ("int", True)}[kind]
-        assert w.scale == ("absmax" if name.endswith("-absmax") else "rms_mse")
+        assert w.scale == ("rms_mse" if name.endswith("-mse") else "absmax")  # absmax: the presets' default
     else:
         wa = next(p for p in name.split("-") if p.startswith("w"))
         assert f"w{w.bits}a{a.bits}" == wa, (name, w.bits, a.bits)

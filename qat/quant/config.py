@@ -59,7 +59,8 @@ class QuantizerConfig:
         (symmetric with a zero level, 2*floor((n-1)/2)+1 levels) | "gaussian" (Lloyd-Max
         levels of N(0,1)) | "fp4" (e2m1 values; bits must be 4).
     estimator: "trust" | "ste" | "clip" | "lsq" | "pact".
-    trust: trust radius in RMS units; None = half the outermost grid step (QuEST's default).
+    trust: trust radius in RMS units; None = half the outermost grid step at the scale in use
+        (QuEST's default; at the rms_mse scale c * RMS that is grid.default_trust RMS units).
     clip_scale: the clip estimator passes gradients where |x| <= clip_scale * s.
     granularity: "row" (one scale per row of the last dim) or a group size dividing it.
     sparsity: "none" | "2:4" (keep the 2 largest magnitudes of every 4, after the rotation).

@@ -80,8 +80,21 @@ def fake_quantize(
     if rounding_only:
         qz = Quantized(*round_to_grid(xg.detach(), scale, grid), None)
     else:
-        qz = ESTIMATORS[cfg.estimator](xg, scale, rms, grid, EstimatorKnobs(cfg.trust_radius(grid), cfg.clip_scale))
+        qz = ESTIMATORS[cfg.estimator](xg, scale, trust_unit(cfg, grid, scale, rms), grid, EstimatorKnobs(cfg.trust_radius(grid), cfg.clip_scale))
     return _finish(x, xg, qz, keep, scale.detach())
+
+
+def trust_unit(cfg: QuantizerConfig, grid: Grid, scale: torch.Tensor, rms: torch.Tensor) -> torch.Tensor:
+    """What the trust radius is a multiple of. QuEST's default radius is half the outermost grid
+    step at the Gaussian-optimal scale c * RMS, in RMS units. Under another scale fit (absmax,
+    mse_search) the grid's steps are that scale's, so the default radius follows it:
+    default_trust * s / c is half the outermost step at the scale s actually used. Without that,
+    a group-absmax scale (steps wider than c * RMS's) masked ordinary elements near a rounding
+    midpoint, and training with a rotation diverged (docs/results.md). An explicit `trust` stays
+    in RMS units; at the rms_mse scale the unit is RMS itself, bit for bit as before."""
+    if cfg.trust is not None or cfg.scale == "rms_mse":
+        return rms
+    return scale.detach() / grid.gaussian_scale
 
 
 # Estimators whose forward value is round_to_grid's (a masked straight-through backward).
@@ -112,7 +125,7 @@ def _offset_quantize(x: torch.Tensor, xg: torch.Tensor, cfg: QuantizerConfig, gr
         codes, mask = round_to_grid(xg.detach() - middle, half, grid)[1], None
         exact = codes.to(xg.dtype) * step + offset
     else:
-        qz = ESTIMATORS[cfg.estimator](xg - middle, half, rms, grid, EstimatorKnobs(cfg.trust_radius(grid), cfg.clip_scale))
+        qz = ESTIMATORS[cfg.estimator](xg - middle, half, trust_unit(cfg, grid, half, rms), grid, EstimatorKnobs(cfg.trust_radius(grid), cfg.clip_scale))
         codes, mask = qz.codes, qz.grad_mask
         exact = MaskedStraightThrough.apply(xg, codes.to(xg.dtype) * step + offset, mask)
     return _finish(x, xg, Quantized(exact, codes, mask), keep, half, offset)

@@ -166,10 +166,11 @@ def newest_checkpoint(run_dir: Path, warn: Any = print) -> tuple[Path, dict[str,
 
 # The parts of a run config that decide what the weights mean; resuming across a change
 # in any of them would silently train a different model.
-IDENTITY_SECTIONS = ("model", "quant", "tokenizer", "data")
-NOT_IDENTITY = ("data.cache_dir", "data.num_workers", "data.val_batches")  # where, how fast, how much validation
+IDENTITY_SECTIONS = ("model", "quant", "tokenizer", "data", "distill")
+# Where, how fast, how much validation; a teacher is identified by its content hash, not its path.
+NOT_IDENTITY = ("data.cache_dir", "data.num_workers", "data.val_batches", "distill.teacher")
 # Keys added since older checkpoints were written, with the value their absence meant.
-ADDED_KEYS = {"quant.rules": []}
+ADDED_KEYS = {"quant.rules": [], "distill.name": "none", "distill.temperature": 1.0, "distill.ce_weight": 0.0, "distill.teacher_dtype": "float32"}
 
 
 def _flatten(value: Any, prefix: str) -> dict[str, Any]:

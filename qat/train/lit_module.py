@@ -5,7 +5,9 @@ quantized and compiled by train.py's lifecycle (`qat.train.lifecycle.build_net`)
 optimizer partial and a scheduler partial. It adds the loss, the logging and the
 checkpoint metadata, which it reads off the net's own quantizers.
 
-Logged: train/loss, val/loss, val/ppl, lr, perf/tokens_per_s, perf/mfu (analytic FLOPs).
+Logged: train/loss, val/loss, val/ppl, lr, perf/tokens_per_s, perf/mfu (analytic FLOPs); with a
+teacher (distill=kd, qat/train/distill.py) also train/kd, train/ce, val/kl (the mean per-token
+KL(teacher || model)) and val/top1_agree (the share of positions where both pick the same token).
 Quantizer telemetry is a callback (qat.train.telemetry).
 """
 
@@ -20,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qat.inference.agreement import token_kl
+from qat.train.distill import Teacher, distill_loss
 from qat.train.lifecycle import quantization_metadata
 from qat.train.optim import build_optimizer
 
@@ -42,9 +46,11 @@ class QATModule(L.LightningModule):
         scheduler: Callable[..., Any] | None,
         flops_per_token: float | None = None,
         extra_checkpoint: Mapping[str, Any] | None = None,
+        teacher: Teacher | None = None,
     ) -> None:
         super().__init__()
         self.net = net
+        self.teacher = teacher  # a plain object, never a submodule (not trained, saved or sharded)
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.flops_per_token = flops_per_token
@@ -56,12 +62,14 @@ class QATModule(L.LightningModule):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.net(idx)
 
-    def _loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        x, y = batch
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.net(x)
         # fp32 at least (bf16 logits lose the log-sum-exp); fp64 runs stay fp64 end to end.
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        return F.cross_entropy(logits.flatten(0, 1), y.flatten())
+        return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+    def _loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(self._logits(x).flatten(0, 1), y.flatten())
 
     # ----- training -----
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
@@ -69,7 +77,13 @@ class QATModule(L.LightningModule):
             self._window_start = time.perf_counter()
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self._loss(batch)
+        if self.teacher is None:
+            loss = self._loss(batch)
+        else:
+            x, y = batch
+            loss, kd, ce = distill_loss(self._logits(x), self.teacher.logits(x), y, self.teacher.cfg)
+            self.log("train/kd", kd.detach(), prog_bar=True, sync_dist=False)
+            self.log("train/ce", ce.detach(), sync_dist=False)
         self.log("train/loss", loss, prog_bar=True, sync_dist=False)
         self._window_tokens += batch[0].numel()
         return loss
@@ -96,19 +110,29 @@ class QATModule(L.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self._val_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         self._val_count = torch.zeros((), dtype=torch.float64, device=self.device)
+        self._val_kl = torch.zeros((), dtype=torch.float64, device=self.device)
+        self._val_agree = torch.zeros((), dtype=torch.float64, device=self.device)
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        # Token-weighted mean over every val batch of every rank (summed, then divided once).
-        tokens = batch[1].numel()
-        self._val_sum += self._loss(batch).double() * tokens
-        self._val_count += tokens
+        # Token-weighted means over every val batch of every rank (summed, then divided once).
+        x, y = batch
+        logits = self._logits(x)
+        self._val_sum += F.cross_entropy(logits.flatten(0, 1), y.flatten()).double() * y.numel()
+        self._val_count += y.numel()
+        if self.teacher is not None:
+            reference = self.teacher.logits(x)
+            self._val_kl += token_kl(logits, reference).sum()
+            self._val_agree += (logits.argmax(-1) == reference.argmax(-1)).sum().double()
 
     def on_validation_epoch_end(self) -> None:
-        total = self.trainer.strategy.reduce(self._val_sum, reduce_op="sum")
-        count = self.trainer.strategy.reduce(self._val_count, reduce_op="sum")
-        loss = (total / count.clamp_min(1)).float()
+        reduce = lambda t: self.trainer.strategy.reduce(t, reduce_op="sum")  # noqa: E731
+        count = reduce(self._val_count).clamp_min(1)
+        loss = (reduce(self._val_sum) / count).float()
         self.log("val/loss", loss, prog_bar=True, rank_zero_only=True)
         self.log("val/ppl", torch.exp(loss.clamp_max(50.0)), rank_zero_only=True)
+        if self.teacher is not None:
+            self.log("val/kl", (reduce(self._val_kl) / count).float(), prog_bar=True, rank_zero_only=True)
+            self.log("val/top1_agree", (reduce(self._val_agree) / count).float(), rank_zero_only=True)
 
     # ----- optimizer -----
     def configure_optimizers(self) -> Any:
@@ -121,4 +145,6 @@ class QATModule(L.LightningModule):
     # ----- checkpoints: plain containers only (torch.load(weights_only=True)) -----
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["quantization"] = quantization_metadata(self.net)
+        if self.teacher is not None:
+            checkpoint["distill_teacher"] = dict(self.teacher.identity)  # its identity, never its weights
         checkpoint.update(self.extra_checkpoint)

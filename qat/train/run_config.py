@@ -233,7 +233,7 @@ def check_launch(cfg: DictConfig, multirun: bool) -> None:
 
 
 # Top-level keys a composed config may have: the config groups, the schema's own keys, Hydra's.
-CONFIG_GROUPS = ("model", "quant", "data", "tokenizer", "trainer", "logger", "optimizer", "scheduler", "experiment", "sweep")
+CONFIG_GROUPS = ("model", "quant", "distill", "data", "tokenizer", "trainer", "logger", "optimizer", "scheduler", "experiment", "sweep")
 SCHEMA_KEYS = ("run_name", "seed", "compile", "max_tokens", "tokens_per_param", "resume", "skip_completed", "init_from", "checkpoint", "telemetry")
 
 

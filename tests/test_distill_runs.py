@@ -1,0 +1,109 @@
+"""distill=kd end to end, as a user runs train.py: on a tiny save_pretrained Llama (built here,
+nothing downloaded), the teacher's metrics in results.json, no teacher weights in the checkpoint,
+a resumed run equal to an uninterrupted one, another teacher refused, DDP and FSDP on CPU ranks
+equal to one process, and a from-scratch run refused before any work."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import run_train
+from safetensors.torch import load_file, save_file
+
+pytest.importorskip("transformers")
+pytestmark = pytest.mark.slow
+
+from test_hf import save_hf_llama  # noqa: E402
+
+RUN = (
+    "distill=kd", "quant.weight.hadamard_block=16", "data.seq_len=64", "trainer.max_steps=4",
+    "trainer.val_check_interval=2", "checkpoint.every_n_steps=2", "telemetry.every=2", "trainer.log_every_n_steps=1",
+)  # fmt: skip
+DDP_TOLERANCE = 2e-3  # as tests/test_train.py::test_ddp_cpu_matches_single_process
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("teacher")
+    save_hf_llama(directory, "gqa_sharded")
+    return directory
+
+
+def _run(run_dir, teacher_dir, *extra, check=True):
+    return run_train(run_dir, "model=hf", f"model.path={teacher_dir}", *RUN, *extra, check=check)
+
+
+def _results(run_dir):
+    return json.loads((run_dir / "results.json").read_text())
+
+
+def _ckpt(run_dir, name="last.ckpt"):
+    return torch.load(run_dir / "checkpoints" / name, weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def distilled(tmp_path_factory, teacher_dir):
+    run_dir = tmp_path_factory.mktemp("distilled")
+    proc = _run(run_dir, teacher_dir)
+    return run_dir, proc
+
+
+def test_a_distilled_run_reports_the_teacher_metrics_and_saves_no_teacher(distilled, teacher_dir):
+    run_dir, proc = distilled
+    r = _results(run_dir)
+    assert r["status"] == "completed" and r["step"] == 4
+    assert r["val_kl"] >= 0 and 0 <= r["val_top1_agree"] <= 1
+    assert r["distill_teacher"]["path"] == str(teacher_dir) and len(r["distill_teacher"]["sha256"]) == 64
+    assert "distillation from" in proc.stdout and "val KL to the teacher" in proc.stdout
+    ckpt = _ckpt(run_dir)
+    assert ckpt["distill_teacher"] == r["distill_teacher"]
+    assert not any("teacher" in k for k in ckpt["state_dict"])  # its identity only, never its weights
+    assert ckpt["config"]["distill"]["name"] == "kd"
+    logged = next((run_dir / "logs").rglob("metrics.csv")).read_text().splitlines()[0].split(",")
+    assert {"train/kd", "train/ce", "val/kl", "val/top1_agree"} <= set(logged)
+
+
+def test_a_resumed_distilled_run_equals_the_uninterrupted_one(distilled, teacher_dir, tmp_path):
+    run_dir, _ = distilled
+    cut = tmp_path / "cut"
+    shutil.copytree(run_dir, cut)
+    for name in ("last.ckpt", "step0000004.ckpt"):
+        (cut / "checkpoints" / name).unlink(missing_ok=True)
+    proc = _run(cut, teacher_dir)
+    assert "resumed from step 2" in proc.stdout
+    whole, again = _ckpt(run_dir)["state_dict"], _ckpt(cut)["state_dict"]
+    assert whole.keys() == again.keys() and all(torch.equal(whole[k], again[k]) for k in whole)
+
+
+def test_resuming_with_another_teacher_is_refused_naming_both(distilled, teacher_dir, tmp_path):
+    run_dir, _ = distilled
+    other = tmp_path / "other-teacher"
+    shutil.copytree(teacher_dir, other)
+    shard = sorted(other.glob("*.safetensors"))[0]
+    tensors = load_file(shard)
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name] + 0.01
+    save_file(tensors, shard, metadata={"format": "pt"})
+    before = (run_dir / "results.json").read_text()
+    proc = _run(run_dir, teacher_dir, f"distill.teacher={other}", "trainer.max_steps=6", check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: ") and str(teacher_dir) in line and str(other) in line
+    assert "Traceback" not in proc.stderr and (run_dir / "results.json").read_text() == before
+
+
+def test_distillation_without_a_teacher_is_refused_before_any_work(tmp_path):
+    proc = run_train(tmp_path, "model=debug-xs", "distill=kd", check=False)
+    assert proc.returncode == 2 and "trained from scratch" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "results.json").exists()
+
+
+@pytest.mark.parametrize("trainer", ["ddp_cpu", "fsdp_cpu"])
+def test_distributed_distillation_matches_one_process(distilled, teacher_dir, tmp_path, trainer):
+    run_dir, _ = distilled
+    _run(tmp_path, teacher_dir, f"trainer={trainer}")
+    one, two = _results(run_dir), _results(tmp_path)
+    assert two["tokens"] == one["tokens"]
+    assert abs(two["val_loss"] - one["val_loss"]) < DDP_TOLERANCE, (two["val_loss"], one["val_loss"])
+    assert abs(two["val_kl"] - one["val_kl"]) < DDP_TOLERANCE, (two["val_kl"], one["val_kl"])
