@@ -17,10 +17,16 @@ Arms (--arms picks a subset; they run in this order):
                   symmetric, group 32; converted by QATConfig(..., step="convert")
   ao-w4a8-g32     torchao QATConfig(Int8DynamicActivationIntxWeightConfig(int4, PerGroup(32))):
                   int8 dynamic per-token asymmetric activations x int4 group-32 weights; + convert
-  ours-w4a16-g32  ours, W4A16, group 32, no rotation (the apples-to-apples arm)
+  ours-w4a16-g32  ours, W4A16, group 32, no rotation, absmax scale, int_zero grid (the
+                  apples-to-apples arm: 4 bits and a float scale per 32 weights, as torchao's)
+  ours-w4a16-g32-nozero  the same on QuEST's "int" grid (16 levels, no zero): a pretrained
+                  model's near-zero weights on its outlier input channels cannot stay near zero
+  ours-w4a16-had-g32  full Hadamard + group 32, MSE-optimal RMS scale (4.5 bits per weight)
   ours-w4a16-had  ours at QuEST settings: full Hadamard, MSE-optimal RMS scale, trust
   ours-w4a8-had   estimator, per-row scales; W4A16, W4A8, W4A4
   ours-w4a4-had
+  ARM-kd          every quantized arm also trained by distillation (distill=kd's loss:
+                  KL(unadapted 16-bit model || arm) at T = 1) instead of cross-entropy
 Our real low-bit form is the packed export (export_packed -> load_packed: integer codes and
 the integer forward). torchao's int4 weight-only arm uses IntxWeightOnlyConfig, not
 Int4WeightOnlyConfig: the latter's converted form (Int4Tensor) needs the CUDA-only `mslk`
@@ -28,7 +34,8 @@ kernels, while IntxWeightOnlyConfig converts and runs on any device, and its QAT
 quantization is what its convert computes (same group size and symmetric int4 grid).
 
 Reported per arm: held-out perplexity at step 0 (the fake-quantized model before training),
-after training, and after the framework's conversion; mean seconds/step over steps 2..N and
+after training, and after the framework's conversion; the mean per-token KL to the unadapted
+16-bit model before and after training and the same-top-1 share after (llama.cpp's metrics); mean seconds/step over steps 2..N and
 its ratio to the unquantized arm; peak tensor memory of training (parameters + the peak of
 torch.profiler's allocation trace over the first step) and the converted model's bytes.
 Writes compare_torchao.csv (first line: how memory was measured) and compare_torchao.png
@@ -39,6 +46,7 @@ unless --arms names only our arms.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import logging
 import math
@@ -60,7 +68,7 @@ from torch.torch_version import TorchVersion
 
 from qat.hf.load import check_checkpoint, load_hf_llama
 from qat.hf.tokenizer import checkpoint_tokenizer
-from qat.inference.compare import MIB, ArmRow, markdown, perplexity, plot_perplexity, stored_bytes, train_arm, write_csv
+from qat.inference.compare import MIB, ArmRow, agreement, markdown, perplexity, plot_perplexity, stored_bytes, train_arm, write_csv
 from qat.models.llama import Llama, LlamaConfig
 from qat.quant.config import QuantizerConfig
 from qat.quant.convert import quantize_model
@@ -91,6 +99,12 @@ class Arm:
     # The trained fake-quant model -> the framework's real low-bit model (None: nothing to convert).
     convert: Callable[[nn.Module, dict], nn.Module] | None
     converted_form: str
+    loss: str = "ce"  # "ce" | "kd" (distillation from the unadapted 16-bit model)
+
+
+def distilled(arm: Arm) -> Arm:
+    """The same arm trained with distill=kd's loss instead of cross-entropy."""
+    return dataclasses.replace(arm, name=f"{arm.name}-kd", what=f"{arm.what}, distilled", loss="kd")
 
 
 def torchao_arm(name: str, what: str, base_config: Callable[[], object], form: str) -> Arm:
@@ -147,18 +161,21 @@ def _hadamard(bits: int) -> QuantizerConfig:
 
 
 A16 = QuantizerConfig(bits=16, rotation="none")
-ARMS = {
-    arm.name: arm
-    for arm in (
-        Arm("unquantized", "none", "no quantization (fp32)", lambda net: None, None, "n/a"),
-        torchao_arm("ao-w4a16-g32", "torchao int4 weight-only, group 32", _ao_int4_weight_only, "IntxUnpackedToInt8Tensor"),
-        torchao_arm("ao-w4a8-g32", "torchao int8 dyn. act. x int4 weights, group 32", _ao_int8_act_int4_weight, "IntxUnpackedToInt8Tensor"),
-        ours_arm("ours-w4a16-g32", "ours W4A16, group 32, no rotation", QuantizerConfig(bits=4, rotation="none", granularity=GROUP), A16),
-        ours_arm("ours-w4a16-had", "ours W4A16, full Hadamard, trust", _hadamard(4), QuantizerConfig(bits=16, hadamard_block="full")),
-        ours_arm("ours-w4a8-had", "ours W4A8, full Hadamard, trust", _hadamard(4), _hadamard(8)),
-        ours_arm("ours-w4a4-had", "ours W4A4, full Hadamard, trust", _hadamard(4), _hadamard(4)),
-    )
-}
+H16 = QuantizerConfig(bits=16, hadamard_block="full")
+BASE_ARMS = (
+    Arm("unquantized", "none", "no quantization (fp32)", lambda net: None, None, "n/a"),
+    torchao_arm("ao-w4a16-g32", "torchao int4 weight-only, group 32", _ao_int4_weight_only, "IntxUnpackedToInt8Tensor"),
+    torchao_arm("ao-w4a8-g32", "torchao int8 dyn. act. x int4 weights, group 32", _ao_int8_act_int4_weight, "IntxUnpackedToInt8Tensor"),
+    ours_arm("ours-w4a16-g32", "ours W4A16, group 32, no rotation, absmax, int_zero grid",
+             QuantizerConfig(bits=4, rotation="none", granularity=GROUP, scale="absmax", grid="int_zero"), A16),
+    ours_arm("ours-w4a16-g32-nozero", "ours W4A16, group 32, no rotation, absmax, int grid (no zero)",
+             QuantizerConfig(bits=4, rotation="none", granularity=GROUP, scale="absmax"), A16),
+    ours_arm("ours-w4a16-had-g32", "ours W4A16, full Hadamard, group 32, trust", QuantizerConfig(bits=4, hadamard_block="full", granularity=GROUP), H16),
+    ours_arm("ours-w4a16-had", "ours W4A16, full Hadamard, trust", _hadamard(4), H16),
+    ours_arm("ours-w4a8-had", "ours W4A8, full Hadamard, trust", _hadamard(4), _hadamard(8)),
+    ours_arm("ours-w4a4-had", "ours W4A4, full Hadamard, trust", _hadamard(4), _hadamard(4)),
+)  # fmt: skip
+ARMS = {arm.name: arm for base in BASE_ARMS for arm in ((base,) if base.framework == "none" else (base, distilled(base)))}
 
 
 # ---------------------------------------------------------------- input checks
@@ -258,10 +275,12 @@ def run_arm(arm: Arm, args: argparse.Namespace, tokenizer, train: list, val: lis
     torch.manual_seed(args.seed)
     net = load_hf_llama(args.model, vocab_size=tokenizer.vocab_size)
     arm.prepare(net)
-    before = perplexity(net, val)
+    reference = context["reference"]  # the unadapted 16-bit model: every arm's KL, the kd arms' teacher
+    start = agreement(net, reference, val)
     warmup = args.warmup_steps or max(1, round(0.1 * args.steps))
-    stats = train_arm(net, train, args.lr, warmup, seed=args.seed)
-    after = perplexity(net, val)
+    stats = train_arm(net, train, args.lr, warmup, seed=args.seed, teacher=reference if arm.loss == "kd" else None)
+    end = agreement(net, reference, val)
+    before, after = start["ppl"], end["ppl"]
     converted, converted_mib = math.nan, math.nan
     if arm.convert is not None:
         real = arm.convert(net, context)
@@ -271,7 +290,8 @@ def run_arm(arm: Arm, args: argparse.Namespace, tokenizer, train: list, val: lis
     del net
     gc.collect()
     return ArmRow(
-        arm=arm.name, framework=arm.framework, what=arm.what, ppl_before=before, ppl_after=after, ppl_converted=converted,
+        arm=arm.name, framework=arm.framework, what=arm.what, loss=arm.loss, ppl_before=before, ppl_after=after,
+        kl_before=start["kl_mean"], kl_after=end["kl_mean"], top1_after=end["same_top1"], ppl_converted=converted,
         converted_form=arm.converted_form, seconds_per_step=stats.seconds_per_step, ratio_to_unquantized=math.nan,
         peak_mib=stats.peak_bytes / MIB, converted_mib=converted_mib, steps=len(train), final_train_loss=stats.losses[-1],
     )  # fmt: skip
@@ -312,14 +332,16 @@ def main(argv: list[str] | None = None) -> int:
           f"{torch.get_num_threads()} threads", flush=True)  # fmt: skip
     run = {"model": str(Path(args.model).resolve()), "data": str(Path(args.data).resolve()), "steps": args.steps, "lr": args.lr,
            "seq_len": args.seq_len, "batch_size": args.batch_size, "seed": args.seed}  # fmt: skip
-    context = {"out": out, "tokenizer": tokenizer, "run": run}
+    reference = load_hf_llama(args.model, vocab_size=tokenizer.vocab_size).eval().requires_grad_(False)
+    context = {"out": out, "tokenizer": tokenizer, "run": run, "reference": reference}
     rows = []
     for arm in arms:
         started = time.perf_counter()
         rows.append(run_arm(arm, args, tokenizer, train, val, context))
         r = rows[-1]
         converted = f"{r.ppl_converted:.3f}" if math.isfinite(r.ppl_converted) else "n/a"
-        print(f"{arm.name}: ppl {r.ppl_before:.3f} -> {r.ppl_after:.3f} (converted {converted}), "
+        print(f"{arm.name}: ppl {r.ppl_before:.3f} -> {r.ppl_after:.3f} (converted {converted}), KL {r.kl_before:.4f} -> {r.kl_after:.4f}, "
+              f"same top-1 {r.top1_after:.2f}%, "
               f"{r.seconds_per_step:.4f} s/step, {time.perf_counter() - started:.1f} s", flush=True)  # fmt: skip
     base = next((r.seconds_per_step for r in rows if r.framework == "none"), math.nan)
     for r in rows:

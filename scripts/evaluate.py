@@ -5,6 +5,12 @@ multiple-choice accuracy (HellaSwag JSONL format), with its quantized forward.
     python scripts/evaluate.py --ckpt RUN/checkpoints/last.ckpt                  # a checkpoint, the run's own val data
     python scripts/evaluate.py --ckpt ... data=local data.path=valid.jsonl data.val_batches=50
     python scripts/evaluate.py --ckpt ... --hellaswag hellaswag_val.jsonl --limit 1000
+    python scripts/evaluate.py --ckpt ... --reference smollm2 --out metrics.json  # against the 16-bit model
+
+--reference DIR|CKPT scores the model against another one on the same tokens, as llama.cpp's
+`llama-perplexity --kl-divergence` does: both perplexities, the mean per-token KL(reference ||
+model) and its 99th percentile, RMS Δp (the change in the true token's probability, in %) and
+same top-1 (the share of positions where both pick the same token, in %).
 
 Data overrides use the training config syntax (group=option key=value) on top of the
 checkpoint's own config. JSONL lines: {"ctx": str, "endings": [str, ...], "label": int}.
@@ -14,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from itertools import islice
@@ -25,7 +32,8 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from qat.inference.evaluation import loss_over, multiple_choice_accuracy
-from qat.inference.loading import load_model
+from qat.inference.agreement import AgreementMeter
+from qat.inference.loading import load_model, load_reference
 from qat.io import atomic_write_json
 from qat.train.run_config import config_errors
 
@@ -40,6 +48,20 @@ def data_config(run_config: dict, overrides: list[str]):
         return compose("train", overrides=overrides).data
 
 
+@torch.no_grad()
+def score_against(net, reference, batches, device) -> tuple[dict, dict]:
+    """(val loss / ppl / tokens, the agreement metrics) in one pass over the batches."""
+    meter = AgreementMeter()
+    for x, y in batches:
+        x = x.to(device)
+        logits, ref = net(x), reference(x)
+        if logits.shape[-1] != ref.shape[-1]:
+            raise ValueError(f"--reference has a vocabulary of {ref.shape[-1]}, the model {logits.shape[-1]}; compare models with the same tokenizer")
+        meter.update(logits, ref, y.to(device))
+    r = meter.result()
+    return {"loss": math.log(r["ppl"]), "ppl": r["ppl"], "tokens": r["tokens"]}, r
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = p.add_mutually_exclusive_group(required=True)
@@ -48,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hellaswag", help="multiple-choice JSONL file (HellaSwag format)")
     p.add_argument("--limit", type=int, default=None, help="score only the first N multiple-choice examples")
     p.add_argument("--no-loss", action="store_true", help="skip the val-loss evaluation")
+    p.add_argument("--reference", help="score against this model on the same tokens (KL, RMS Δp, same top-1): "
+                   "a save_pretrained directory (the 16-bit model), a train.py checkpoint or a packed export")
     p.add_argument("--out", help="write the metrics as JSON here")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--backend", choices=["auto", "torch", "triton", "cpu"], default="auto",
@@ -57,7 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.hellaswag and not Path(args.hellaswag).is_file():
             raise ValueError(f"--hellaswag={args.hellaswag!r} does not exist")
+        if args.reference and args.no_loss:
+            raise ValueError("--reference scores the val tokens; it cannot go with --no-loss")
+        if args.reference and not Path(args.reference).exists():
+            raise ValueError(f"--reference={args.reference!r} does not exist (expected a save_pretrained directory, a train.py checkpoint or a packed export)")
         model = load_model(args.ckpt, args.model, args.device, args.backend)
+        reference = load_reference(args.reference, args.device) if args.reference else None
         metrics: dict = {"model": model.source, "step": model.step}
         if not args.no_loss:
             with config_errors():  # a bad data override: one line, as in train.py
@@ -65,7 +94,11 @@ def main(argv: list[str] | None = None) -> int:
             dm.prepare_data()
             dm.setup("validate")
             started = time.perf_counter()
-            metrics["val"] = loss_over(model.net, dm.val_dataloader(), args.device)
+            if reference is None:
+                metrics["val"] = loss_over(model.net, dm.val_dataloader(), args.device)
+            else:
+                metrics["val"], metrics["reference"] = score_against(model.net, reference[0], dm.val_dataloader(), args.device)
+                metrics["reference"]["model"] = reference[1]
             metrics["val"]["tokens_per_s"] = metrics["val"]["tokens"] / (time.perf_counter() - started)
             if dm.loss_floor is not None:
                 metrics["val"]["loss_floor"] = dm.loss_floor

@@ -31,7 +31,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from qat.ptq.calibration import gptq_model
+from qat.ptq.calibration import gptq_model, gptq_problem
 from qat.train.checkpoint import load_initial_weights, read_checkpoint, write_model_checkpoint
 from qat.train.lifecycle import build_net, check_model, quantization_summary
 from qat.train.run_config import ConfigError, config_errors, override_key, quantizer_configs
@@ -100,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
             check_model(omega)
             quantizer_configs(omega)
             tokenizer = instantiate(omega.tokenizer)
-            build_net(omega, tokenizer.vocab_size, device="meta")  # every layer's dims vs the quantizers, free
+            probe = build_net(omega, tokenizer.vocab_size, device="meta")  # every layer's dims vs the quantizers, free
+            if args.method == "gptq" and (why := gptq_problem(probe)):
+                raise ValueError(why)
     except (ValueError, ConfigError) as err:
         print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
         return 2

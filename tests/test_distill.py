@@ -102,3 +102,14 @@ def test_unknown_distill_key_is_refused():
     with pytest.raises(ValueError, match="distill.temp is not a key"):
         DistillConfig.from_cfg(OmegaConf.create({"distill": {"name": "kd", "temp": 2}}))
     assert DistillConfig.from_cfg(OmegaConf.create({})) == DistillConfig()  # a config from before distillation
+
+
+def test_the_comparison_loop_distils_from_its_teacher():
+    """compare_torchao's kd arms: train_arm with a teacher trains on the KL to it (loss exactly 0
+    at the first step for a student that computes the teacher), not on the corpus."""
+    from qat.inference.compare import train_arm
+
+    plain = QuantizerConfig(bits=16, rotation="none")
+    teacher, student = tiny_pair(plain, plain)
+    batches = [(tokens(), tokens()) for _ in range(2)]
+    assert train_arm(student.float(), batches, lr=1e-3, warmup=1, teacher=teacher.float()).losses[0] == 0.0

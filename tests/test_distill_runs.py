@@ -107,3 +107,31 @@ def test_distributed_distillation_matches_one_process(distilled, teacher_dir, tm
     assert two["tokens"] == one["tokens"]
     assert abs(two["val_loss"] - one["val_loss"]) < DDP_TOLERANCE, (two["val_loss"], one["val_loss"])
     assert abs(two["val_kl"] - one["val_kl"]) < DDP_TOLERANCE, (two["val_kl"], one["val_kl"])
+
+
+def test_evaluate_against_the_teacher_reproduces_the_runs_val_kl(distilled, teacher_dir, tmp_path, capsys):
+    """scripts/evaluate.py --reference on the run's own val tokens gives the KL and top-1 agreement
+    that training logged (one computed by the LightningModule, one by AgreementMeter); a model
+    against itself scores KL 0 and 100% same top-1."""
+    import sys
+
+    from conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import evaluate
+
+    run_dir, _ = distilled
+    ckpt = str(run_dir / "checkpoints" / "last.ckpt")
+    assert evaluate.main(["--ckpt", ckpt, "--reference", str(teacher_dir), "--out", str(tmp_path / "m.json")]) == 0
+    m = json.loads((tmp_path / "m.json").read_text())
+    r = _results(run_dir)
+    assert m["reference"]["kl_mean"] == pytest.approx(r["val_kl"], rel=1e-4)
+    assert m["reference"]["same_top1"] == pytest.approx(100 * r["val_top1_agree"], rel=1e-4)
+    assert m["val"]["loss"] == pytest.approx(r["val_loss"], rel=1e-5)
+    assert m["reference"]["kl_p99"] >= m["reference"]["kl_mean"] > 0 and m["reference"]["rms_dp"] > 0
+    assert evaluate.main(["--ckpt", ckpt, "--reference", ckpt, "--out", str(tmp_path / "self.json")]) == 0
+    itself = json.loads((tmp_path / "self.json").read_text())["reference"]
+    assert itself["kl_mean"] == 0.0 and itself["same_top1"] == 100.0 and itself["ppl"] == itself["reference_ppl"]
+    capsys.readouterr()
+    assert evaluate.main(["--ckpt", ckpt, "--reference", str(tmp_path / "missing")]) == 2
+    assert capsys.readouterr().err.startswith("error: --reference=")

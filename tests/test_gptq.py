@@ -94,3 +94,38 @@ def test_model_calibration_lowers_every_layers_error():
     assert len(reports) == 5 * len(net.layers)
     for r in reports:
         assert r.output_error_gptq < r.output_error_rtn and r.code_agreement > 0.97, r
+
+
+def _tiny_quantized(weight: QuantizerConfig, activation: QuantizerConfig):
+    from qat import quantize_model
+    from qat.models.llama import Llama
+    from qat.models.sizes import llama_config
+
+    torch.manual_seed(0)
+    net = Llama(llama_config("debug-xs", vocab_size=60, max_seq_len=32)).double()
+    quantize_model(net, weight, activation)
+    return net
+
+
+def test_gptq_refuses_an_offset_grid_instead_of_skipping_it():
+    from qat.ptq.calibration import gptq_model
+
+    q4_1 = QuantizerConfig(bits=4, rotation="none", asymmetric=True, granularity=32, scale="absmax")
+    net = _tiny_quantized(q4_1, QuantizerConfig(bits=16, rotation="none"))
+    before = [p.clone() for p in net.parameters()]
+    with pytest.raises(ValueError, match=r"GPTQ does not support quant.weight asymmetric=true .* use --method rtn"):
+        gptq_model(net, [torch.randint(0, 60, (2, 32))], log=lambda _: None)
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))  # nothing touched
+
+
+def test_gptq_refuses_folded_input_rotations_instead_of_zeroing_the_weights():
+    from qat.ptq.calibration import gptq_model
+    from qat.quant.linear import fold_input_rotations
+
+    w4 = QuantizerConfig(bits=4, hadamard_block=16)
+    net = _tiny_quantized(w4, QuantizerConfig(bits=16, hadamard_block=16)).eval()
+    fold_input_rotations(net)
+    before = [p.clone() for p in net.parameters()]
+    with pytest.raises(ValueError, match="input rotation folded"):
+        gptq_model(net, [torch.randint(0, 60, (2, 32))], log=lambda _: None)
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))

@@ -78,6 +78,7 @@ def test_rtn_gptq_evaluate_export_and_qat_from_gptq(hf_dir, tmp_path):
         (["--method", "awq"], "--method='awq' is not a method; use one of rtn, gptq"),
         (["--method", "gptq", "--calibration-batches", "0"], "--calibration-batches=0"),
         (["--method", "rtn", "quant.bits=5.5", "data.seq_len=32"], "quant.weight"),
+        (["--method", "gptq", "quant=gguf_q4_1", "data.seq_len=32"], "GPTQ does not support quant.weight asymmetric=true"),
     ],
 )
 def test_bad_input_is_one_line(hf_dir, tmp_path, args, message):

@@ -23,7 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qat.inference.agreement import AgreementMeter
 from qat.inference.evaluation import loss_over
+from qat.train.distill import kd_loss
 from qat.io import atomic_write, atomic_write_text
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (input ids, next-token targets), each [B, T]
@@ -68,6 +70,22 @@ def profiled_peak_bytes(prof: torch.profiler.profile) -> int:
     allocation (+) and free (-) events of a `profile_memory=True` trace, in time order."""
     events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns())
     return max(itertools.accumulate((e.nbytes() for e in events), initial=0))
+
+
+def agreement(net: nn.Module, reference: nn.Module, batches: Sequence[Batch]) -> dict[str, float]:
+    """llama.cpp's KL-divergence statistics of `net` against `reference` on the same batches
+    (qat.inference.agreement); both modules' train/eval modes are restored."""
+    modes = [(m, m.training) for m in (net, reference)]
+    meter = AgreementMeter()
+    try:
+        net.eval(), reference.eval()
+        with torch.no_grad():
+            for x, y in batches:
+                meter.update(net(x), reference(x), y)
+    finally:
+        for m, mode in modes:
+            m.train(mode)
+    return meter.result()
 
 
 def perplexity(net: nn.Module, batches: Sequence[Batch]) -> float:
@@ -116,9 +134,10 @@ class TrainStats:
         return sum(timed) / len(timed) if timed else math.nan
 
 
-def train_arm(net: nn.Module, batches: Sequence[Batch], lr: float, warmup: int, seed: int = 0) -> TrainStats:
+def train_arm(net: nn.Module, batches: Sequence[Batch], lr: float, warmup: int, seed: int = 0, teacher: nn.Module | None = None) -> TrainStats:
     """The one training loop of every arm: AdamW (weight decay 0), linear warm-up + cosine,
-    next-token cross-entropy, one optimizer step per batch, in the order given. The first
+    next-token cross-entropy, or with a `teacher` distillation (KL(teacher || model) at T = 1,
+    the loss of distill=kd), one optimizer step per batch, in the order given. The first
     step runs under the memory profiler (its time is not counted anyway)."""
     torch.manual_seed(seed)
     net.train()
@@ -131,7 +150,12 @@ def train_arm(net: nn.Module, batches: Sequence[Batch], lr: float, warmup: int, 
 
     def step(x: torch.Tensor, y: torch.Tensor) -> float:
         logits = net(x)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+        if teacher is None:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+        else:
+            with torch.no_grad():
+                reference = teacher(x)
+            loss = kd_loss(logits, reference)
         loss.backward()
         opt.step()
         sched.step()
@@ -157,8 +181,12 @@ class ArmRow:
     arm: str
     framework: str
     what: str
+    loss: str  # "ce" (next-token cross-entropy) | "kd" (distillation from the unadapted 16-bit model)
     ppl_before: float  # the (fake-quantized) model at step 0
     ppl_after: float  # after training, still fake-quantized
+    kl_before: float  # mean per-token KL(unadapted 16-bit model || this model) at step 0
+    kl_after: float  # ... after training
+    top1_after: float  # same top-1 token as the unadapted 16-bit model after training, in %
     ppl_converted: float  # the framework's real low-bit form; nan where there is none
     converted_form: str
     seconds_per_step: float
@@ -189,10 +217,11 @@ def csv_text(rows: Sequence[ArmRow]) -> str:
 
 
 def markdown(rows: Sequence[ArmRow]) -> str:
-    head = ["arm", "ppl before", "ppl after", "ppl converted", "converted to", "s/step", "x unquantized", "peak MiB", "converted MiB"]
+    head = ["arm", "loss", "ppl before", "ppl after", "KL before", "KL after", "same top-1 %", "ppl converted", "converted to", "s/step", "x unquantized", "peak MiB", "converted MiB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r.arm, _cell(r.ppl_before), _cell(r.ppl_after), _cell(r.ppl_converted) or "n/a", r.converted_form,
+        cells = [r.arm, r.loss, _cell(r.ppl_before), _cell(r.ppl_after), _cell(r.kl_before, 4), _cell(r.kl_after, 4), _cell(r.top1_after, 2),
+                 _cell(r.ppl_converted) or "n/a", r.converted_form,
                  _cell(r.seconds_per_step, 4), _cell(r.ratio_to_unquantized, 2), _cell(r.peak_mib, 1), _cell(r.converted_mib, 2)]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

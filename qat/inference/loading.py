@@ -36,3 +36,21 @@ def load_model(
 
     net, tokenizer, config, step = load_packed(model_dir, device, backend)
     return Model(net, tokenizer, config, step, f"packed model {model_dir}")
+
+
+def load_reference(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, str]:
+    """A model to compare against (evaluate.py --reference): a train.py checkpoint (a file), a
+    Hugging Face save_pretrained directory (config.json with a model_type: the 16-bit model,
+    unquantized), or a packed export directory. Returns (the model in eval mode, what it is)."""
+    from qat.hf.load import CONFIG_FILE, read_json
+
+    path = Path(path)
+    if path.is_file():
+        return load_model(ckpt=path, device=device).net, f"checkpoint {path}"
+    if not path.is_dir():
+        raise ValueError(f"--reference={str(path)!r} does not exist (expected a save_pretrained directory, a train.py checkpoint or a packed export)")
+    if "model_type" in read_json(path / CONFIG_FILE, "a reference model's config"):
+        from qat.hf.load import load_hf_llama
+
+        return load_hf_llama(path).to(device).eval(), f"Hugging Face model {path}"
+    return load_model(model_dir=path, device=device).net, f"packed model {path}"

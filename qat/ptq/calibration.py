@@ -57,12 +57,32 @@ def _relative_output_error(hessian: torch.Tensor, reference: torch.Tensor, quant
     return float(torch.einsum("nk,kl,nl->", diff, hessian, diff) / torch.einsum("nk,kl,nl->", reference.double(), hessian, reference.double()))
 
 
+def gptq_problem(net: nn.Module) -> str | None:
+    """Why GPTQ cannot round this model (one line), or None. Checked before any weight is read
+    (it works on a meta-device model): a quantized weight GPTQ has no rounding for (say Q4_1's
+    offset grid) is refused, never skipped; a 16-bit weight has nothing to round. A layer whose
+    input rotation was folded into its cached weight (fold_input_rotations, for decoding) no
+    longer runs its input quantizer, so no Hessian could be collected."""
+    layers = {n: m for n, m in net.named_modules() if isinstance(m, QuantLinear)}
+    for name, layer in layers.items():
+        why = gptq_unsupported_reason(layer.weight_quantizer.cfg)
+        if why is not None and layer.weight_quantizer.cfg.enabled:
+            return f"GPTQ does not support quant.weight {why} (layer {name}); use --method rtn"
+        if layer.fold_input_rotation:
+            return f"layer {name} has its input rotation folded into its weight (fold_input_rotations, for decoding); GPTQ needs the training forward"
+    if not any(gptq_unsupported_reason(m.weight_quantizer.cfg) is None for m in layers.values()):
+        return "GPTQ found no quantized weight to round (every block linear is 16-bit or excluded)"
+    return None
+
+
 @torch.no_grad()
 def gptq_model(
     net: nn.Module, batches: Iterable[torch.Tensor], *, block: int = 128, damp: float = 0.01, log: Callable[[str], None] = print
 ) -> list[LayerReport]:
     """Replace the latent weight of every quantized block linear of `net` (our Llama) by its
     GPTQ-compensated latent; `batches` are token-id tensors [B, T]. Returns a report per layer."""
+    if why := gptq_problem(net):
+        raise ValueError(why)
     net.eval()
     device = next(net.parameters()).device
     inputs = [net.embed(idx.to(device)) for idx in batches]
@@ -80,6 +100,8 @@ def gptq_model(
             handle.remove()
         for name, layer in layers.items():
             cfg, grid = layer.weight_quantizer.cfg, layer.weight_quantizer.grid
+            if hooks[name].rows == 0:  # an all-zero Hessian would zero every weight without a word
+                raise ValueError(f"GPTQ collected no inputs for layers.{index}.{name}: its input quantizer never ran")
             hessian = hooks[name].hessian()
             rotated = rotate(layer.weight.detach().to(torch.float64), cfg)
             rtn = fake_quantize(layer.weight.detach().to(torch.float64), cfg, grid).value  # rotates itself
