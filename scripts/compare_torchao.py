@@ -22,6 +22,8 @@ Arms (--arms picks a subset; they run in this order):
   ours-w4a16-g32-nozero  the same on QuEST's "int" grid (16 levels, no zero): a pretrained
                   model's near-zero weights on its outlier input channels cannot stay near zero
   ours-w4a16-had-g32  full Hadamard + group 32, MSE-optimal RMS scale (4.5 bits per weight)
+  ours-w4a16-had-g32-absmax  the same with the group's absmax scale (the trust radius follows
+                  the scale: half its outermost step)
   ours-w4a16-had  ours at QuEST settings: full Hadamard, MSE-optimal RMS scale, trust
   ours-w4a8-had   estimator, per-row scales; W4A16, W4A8, W4A4
   ours-w4a4-had
@@ -171,6 +173,8 @@ BASE_ARMS = (
     ours_arm("ours-w4a16-g32-nozero", "ours W4A16, group 32, no rotation, absmax, int grid (no zero)",
              QuantizerConfig(bits=4, rotation="none", granularity=GROUP, scale="absmax"), A16),
     ours_arm("ours-w4a16-had-g32", "ours W4A16, full Hadamard, group 32, trust", QuantizerConfig(bits=4, hadamard_block="full", granularity=GROUP), H16),
+    ours_arm("ours-w4a16-had-g32-absmax", "ours W4A16, full Hadamard, group 32, absmax, trust",
+             QuantizerConfig(bits=4, hadamard_block="full", granularity=GROUP, scale="absmax"), H16),
     ours_arm("ours-w4a16-had", "ours W4A16, full Hadamard, trust", _hadamard(4), H16),
     ours_arm("ours-w4a8-had", "ours W4A8, full Hadamard, trust", _hadamard(4), _hadamard(8)),
     ours_arm("ours-w4a4-had", "ours W4A4, full Hadamard, trust", _hadamard(4), _hadamard(4)),

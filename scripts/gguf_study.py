@@ -6,15 +6,20 @@ quantization to the same type, measured in llama.cpp.
     python scripts/gguf_study.py --baseline-ckpt RUN16/checkpoints/last.ckpt \\
         --qat-ckpt RUNQ4/checkpoints/last.ckpt --out STUDY [--tokenizer-gguf SRC.gguf]
 
-Three GGUF files, each scored by llama.cpp on the same held-out token windows (the QAT
+Four GGUF files, each scored by llama.cpp on the same held-out token windows (the QAT
 checkpoint's own validation data, the windows `scripts/evaluate.py --ckpt` scores):
   16-bit     the baseline: F32 linears, F16 embedding and head (scripts/export_gguf.py);
   PTQ Q4_0   that file through llama.cpp's quantizer (`llama-quantize`'s Q4_0, embedding and
              head in Q8_0 as llama.cpp's QAT targets keep them);
+  PTQ Q4_K_M that file through llama.cpp's Q4_K_M, the type its users pick by default (its own
+             embedding and head types), for its size and quality next to QAT Q4_0;
   QAT Q4_0   the QAT checkpoint through scripts/export_gguf.py (Q8_0 embedding and head).
 Reported per file: size, llama.cpp's perplexity, ours on the same windows (PyTorch, fake-quant)
-where a checkpoint exists, llama.cpp's decode and prefill tokens/s; and the headline, the share
-of the post-training perplexity increase that QAT removes: (PTQ - QAT) / (PTQ - 16-bit).
+where a checkpoint exists, llama-perplexity --kl-divergence's statistics against the 16-bit file
+from llama.cpp's own logits (mean and 99th-percentile KL, RMS Δp, same top-1), llama.cpp's decode
+and prefill tokens/s; and the headline, the share of the post-training perplexity increase that
+QAT removes: (PTQ - QAT) / (PTQ - 16-bit). For a distilled QAT run, pass the unadapted 16-bit
+model as --baseline-ckpt (`scripts/ptq.py --method rtn quant=bf16` writes one): its teacher.
 Writes STUDY/results.md and STUDY/results.json (atomically); bad input is one `error:` line.
 """
 
@@ -30,10 +35,13 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from qat.inference.evaluation import loss_over
-from qat.inference.llama_cpp import quantize_gguf, require_llama_cpp, speed, window_loss
+from qat.inference.llama_cpp import quantize_gguf, require_llama_cpp, speed, window_agreement, window_loss
 from qat.io import atomic_write_json, atomic_write_text
 from qat.packed.gguf_export import export_gguf
 from qat.train.checkpoint import LoadedModel, load_trained, read_checkpoint
+
+
+K_M = "PTQ Q4_K_M"
 
 
 def heldout_batches(loaded: LoadedModel, limit: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -63,13 +71,15 @@ def windows_of(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> list[list[in
 
 def markdown(rows: list[dict], removed: float, kind: str) -> str:
     lines = [
-        "| model | file (MiB) | llama.cpp ppl | ours (PyTorch) ppl | llama.cpp decode (tok/s) | llama.cpp prefill (tok/s) |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| model | file (MiB) | llama.cpp ppl | ours (PyTorch) ppl | mean KL | KL p99 | RMS Δp (%) | same top-1 (%) | llama.cpp decode (tok/s) | llama.cpp prefill (tok/s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         ours = f"{math.exp(r['our_loss']):.2f}" if r["our_loss"] is not None else "n/a"
+        a = r["agreement"]
+        kl = f"{a['kl_mean']:.4f} | {a['kl_p99']:.4f} | {a['rms_dp']:.2f} | {a['same_top1']:.2f}" if a else "(the reference) | | |"
         lines.append(
-            f"| {r['model']} | {r['bytes'] / 2**20:.1f} | {math.exp(r['llama_cpp_loss']):.2f} | {ours} "
+            f"| {r['model']} | {r['bytes'] / 2**20:.1f} | {math.exp(r['llama_cpp_loss']):.2f} | {ours} | {kl} "
             f"| {r['decode_tokens_per_s']:.1f} | {r['prefill_tokens_per_s']:.1f} |"
         )
     lines.append("")
@@ -110,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         check_kind("qat-ckpt", args.qat_ckpt, 4, args.type == "q4_1", f"gguf_{args.type}")
         out, kind = Path(args.out), args.type.upper()
         ptq, qat = f"PTQ {kind}", f"QAT {kind}"
-        files = {"16-bit": out / "16-bit.gguf", ptq: out / f"ptq-{args.type}.gguf", qat: out / f"qat-{args.type}.gguf"}
+        files = {"16-bit": out / "16-bit.gguf", ptq: out / f"ptq-{args.type}.gguf", K_M: out / "ptq-q4_k_m.gguf", qat: out / f"qat-{args.type}.gguf"}
         out.mkdir(parents=True, exist_ok=True)
         export_gguf(args.qat_ckpt, files[qat], embeddings="q8_0", tokenizer_gguf=args.tokenizer_gguf, force=True)
         export_gguf(args.baseline_ckpt, files["16-bit"], embeddings="f16", tokenizer_gguf=args.tokenizer_gguf, force=True)
@@ -118,17 +128,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     quantize_gguf(files["16-bit"], files[ptq], args.type, embeddings="q8_0", threads=args.threads)
+    quantize_gguf(files["16-bit"], files[K_M], "q4_k_m", embeddings="q8_0", threads=args.threads)
     trained = load_trained(args.qat_ckpt)  # once: its validation data and its loss
     batches = heldout_batches(trained, args.val_batches)
     windows = windows_of(batches)
     prompt = windows[0][: args.prefill]
-    ours = {"16-bit": loss_over(load_trained(args.baseline_ckpt).net, batches)["loss"], ptq: None, qat: loss_over(trained.net, batches)["loss"]}
+    ours = {"16-bit": loss_over(load_trained(args.baseline_ckpt).net, batches)["loss"], ptq: None, K_M: None, qat: loss_over(trained.net, batches)["loss"]}
     rows = []
     for name, path in files.items():
         scored = window_loss(path, windows, args.threads)
         rows.append({
             "model": name, "file": path.name, "bytes": path.stat().st_size, "llama_cpp_loss": scored["loss"], "our_loss": ours[name],
             "tokens_scored": scored["tokens"], **speed(path, prompt, args.decode_tokens, args.threads),
+            "agreement": None if name == "16-bit" else window_agreement(path, files["16-bit"], windows, args.threads),
         })
         print(f"{name}: llama.cpp ppl {scored['perplexity']:.2f} over {scored['tokens']} tokens", flush=True)
     ppl = {r["model"]: math.exp(r["llama_cpp_loss"]) for r in rows}

@@ -38,7 +38,13 @@ def test_the_study_scores_three_files_in_llama_cpp(runs, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((out / "results.json").read_text())
     rows = {r["model"]: r for r in result["rows"]}
-    assert list(rows) == ["16-bit", "PTQ Q4_0", "QAT Q4_0"] and "QAT removes" in (out / "results.md").read_text()
+    assert list(rows) == ["16-bit", "PTQ Q4_0", "PTQ Q4_K_M", "QAT Q4_0"] and "QAT removes" in (out / "results.md").read_text()
+    # llama.cpp's KL statistics against the 16-bit file, from its own logits
+    assert rows["16-bit"]["agreement"] is None
+    for name in ("PTQ Q4_0", "PTQ Q4_K_M", "QAT Q4_0"):
+        a = rows[name]["agreement"]
+        assert a["kl_p99"] >= a["kl_mean"] > 0 and 0 < a["same_top1"] <= 100 and a["rms_dp"] > 0 and a["tokens"] == rows[name]["tokens_scored"]
+        assert a["ppl"] == pytest.approx(math.exp(rows[name]["llama_cpp_loss"]), rel=1e-9)  # the same logits as the perplexity
     for r in rows.values():
         assert (out / r["file"]).stat().st_size == r["bytes"] and r["tokens_scored"] > 0 and r["decode_tokens_per_s"] > 0
     # The two Q4_0 files hold the same tensor types (Q4_0 linears, Q8_0 embedding), so nearly the same size.

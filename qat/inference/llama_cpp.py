@@ -21,7 +21,10 @@ from qat.inference.compare import quiet_native_stderr  # llama.cpp logs every te
 
 # llama.cpp's post-training targets (llama_ftype) and the types its embedding and output head
 # may be given (ggml_type); llama.cpp's QAT conversion keeps both in Q8_0.
-QUANTIZE_TARGETS = {"q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "q4_1": "LLAMA_FTYPE_MOSTLY_Q4_1", "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0"}
+QUANTIZE_TARGETS = {
+    "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "q4_1": "LLAMA_FTYPE_MOSTLY_Q4_1", "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
+    "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",  # the type llama.cpp users pick by default (rows K-quants cannot take fall back)
+}  # fmt: skip
 EMBEDDING_TARGETS = {"q8_0": "GGML_TYPE_Q8_0", "f16": "GGML_TYPE_F16"}
 
 
@@ -82,12 +85,33 @@ def window_loss(path: str | Path, windows: Sequence[Sequence[int]], threads: int
     total, count = 0.0, 0
     with opened(path, max(len(w) for w in windows), threads, logits_all=True) as llm:
         for window in windows:
-            llm.reset()
-            llm.eval(list(window[:-1]))
-            logp = _log_softmax(np.asarray(llm.scores[: len(window) - 1]))
+            logp = _log_softmax(window_logits(llm, window))
             total -= float(logp[np.arange(len(window) - 1), np.asarray(window[1:])].sum())
             count += len(window) - 1
     return {"loss": total / count, "perplexity": math.exp(total / count), "tokens": count}
+
+
+def window_logits(llm: Any, window: Sequence[int]) -> np.ndarray:
+    """llama.cpp's logits [len(window) - 1, vocab] for window[:-1], scored from the window's start."""
+    llm.reset()
+    llm.eval(list(window[:-1]))
+    return np.asarray(llm.scores[: len(window) - 1])
+
+
+def window_agreement(path: str | Path, reference: str | Path, windows: Sequence[Sequence[int]], threads: int = 1) -> dict[str, float]:
+    """llama-perplexity --kl-divergence's statistics of the GGUF `path` against the GGUF
+    `reference`, both run by llama.cpp on the same windows (qat.inference.agreement)."""
+    import torch
+
+    from qat.inference.agreement import AgreementMeter
+
+    n_ctx = max(len(w) for w in windows)
+    meter = AgreementMeter()
+    with opened(path, n_ctx, threads, logits_all=True) as llm, opened(reference, n_ctx, threads, logits_all=True) as ref:
+        for window in windows:
+            targets = torch.tensor(window[1:])
+            meter.update(torch.from_numpy(window_logits(llm, window).copy()), torch.from_numpy(window_logits(ref, window).copy()), targets)
+    return meter.result()
 
 
 def speed(path: str | Path, prompt: Sequence[int], tokens: int, threads: int = 1) -> dict[str, float]:
