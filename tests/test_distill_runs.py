@@ -135,3 +135,24 @@ def test_evaluate_against_the_teacher_reproduces_the_runs_val_kl(distilled, teac
     capsys.readouterr()
     assert evaluate.main(["--ckpt", ckpt, "--reference", str(tmp_path / "missing")]) == 2
     assert capsys.readouterr().err.startswith("error: --reference=")
+
+
+def test_the_recipe_command_needs_no_other_flag(teacher_dir, tmp_path):
+    """experiment=qat_finetune + quant=gguf_q4_0 + distill=kd, as the README gives it (trainer=cpu
+    here: the experiment targets a GPU): absmax groups of 32 and a teacher, with no other flag."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"the farm {i} grows corn and wheat in the sun" for i in range(4000)) + "\n")
+    run = tmp_path / "run"
+    proc = run_train(
+        run, "experiment=qat_finetune", f"model.path={teacher_dir}", f"data.path={corpus}", "quant=gguf_q4_0", "distill=kd",
+        "trainer=cpu", "trainer.max_steps=2", "data.seq_len=64", "data.batch_size=4", "trainer.accumulate_grad_batches=1",
+    )  # fmt: skip
+    assert "4-bit none absmax int_zero trust g32" in proc.stdout and "distillation from" in proc.stdout
+    assert _results(run)["status"] == "completed" and _results(run)["val_kl"] > 0
+
+
+def test_distillation_with_compile_and_gradient_accumulation(teacher_dir, tmp_path):
+    """The compiled student (inductor) learns from the eager teacher over accumulated micro-batches."""
+    proc = _run(tmp_path, teacher_dir, "compile=true", "trainer.accumulate_grad_batches=2", "trainer.max_steps=2")
+    r = _results(tmp_path)
+    assert r["status"] == "completed" and r["step"] == 2 and r["val_kl"] > 0 and "distillation from" in proc.stdout

@@ -279,6 +279,11 @@ def test_bad_directories_fail_in_one_line(checkpoints, tmp_path):
     with pytest.raises(ValueError) as err:
         load_hf_llama(broken)
     assert "config.json" in one_line(err)
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    with pytest.raises(ValueError) as err:
+        load_hf_llama(gguf)
+    assert "is a GGUF file; import it first: python scripts/import_gguf.py" in one_line(err)
 
 
 def test_missing_weights_and_tokenizer_fail_in_one_line(checkpoints, tmp_path):

@@ -31,6 +31,8 @@ INDEX_FILE = "model.safetensors.index.json"
 def checkpoint_dir(path: str | Path, key: str = "model.path") -> Path:
     """The directory, resolved like every path in our configs; one line naming `key` if it is not one."""
     resolved = Path(absolute_path(str(path)))
+    if resolved.is_file() and resolved.suffix.lower() == ".gguf":
+        raise ValueError(f"{key}={str(path)!r} is a GGUF file; import it first: python scripts/import_gguf.py {path} --out DIR, then {key}=DIR")
     if not resolved.is_dir():
         raise ValueError(f"{key}={str(path)!r} is not a directory (expected a Hugging Face model saved with save_pretrained)")
     return resolved
