@@ -5,7 +5,8 @@ The lifecycle, in this order and nowhere else:
     0. checks      every config fact once (run schema, quantizers, batch shape, launch)
     1. data        tokenizer, data module; text tokenized once into a cache
     2. model       the plain Llama (on the meta device for large sizes, then initialised)
-    3. quantize    nn.Linear -> QuantLinear (build_net does 2 and 3: one builder for all)
+    3. quantize    nn.Linear -> QuantLinear (build_net does 2 and 3: one builder for all);
+                   lora=...: adapters on the frozen base, after init_from's weights (qat/train/lora.py)
     4. compile     optional, after quantization (state-dict keys stay the plain model's)
     5. module      the LightningModule receives the net, optimizer and scheduler partials
     6. trainer     checkpoints (atomic), telemetry callback, run record
@@ -42,10 +43,12 @@ from qat.train.checkpoint import (
     newest_checkpoint,
     remove_stale_temp_files,
 )
-from qat.train.distill import DistillConfig, Teacher, check_same_teacher, check_teacher, load_teacher, teacher_identity
+from qat.train.distill import DistillConfig, Teacher, check_same_teacher, check_teacher, load_teacher
+from qat.train.identity import model_identity
 from qat.train.faults import Diverged, DivergenceGuard, Interrupted, SignalCheckpoint
-from qat.train.lifecycle import build_net, check_model, layer_precisions, peak_lr, quantization_metadata, quantization_summary
+from qat.train.lifecycle import build_datamodule, build_net, check_model, layer_precisions, peak_lr, quantization_metadata, quantization_summary
 from qat.train.lit_module import QATModule
+from qat.train.lora import LoraConfig, add_adapters, base_source, check_same_base, lora_summary
 from qat.train.run_config import (
     ConfigError,
     RunConfig,
@@ -57,6 +60,7 @@ from qat.train.run_config import (
     check_scheduler,
     check_world_divides_batch,
     config_errors,
+    hydra_error_line,
     quant_rules,
     quantizer_configs,
     StepBudget,
@@ -87,12 +91,16 @@ class Parts(NamedTuple):
     start_step: int
     init: dict | None  # init_from's record (None: the model's own init or a resume)
     teacher: Teacher | None  # distill=kd's frozen teacher (None: cross-entropy only)
+    lora_base: dict | None  # a LoRA run's base identity (None: every weight trains)
 
 
-def choose_resume(cfg: DictConfig, run_dir: Path, run: RunConfig, teacher: dict[str, str] | None = None) -> tuple[Path | None, int]:
+def choose_resume(
+    cfg: DictConfig, run_dir: Path, run: RunConfig, teacher: dict[str, str] | None = None, lora_base: dict[str, str] | None = None
+) -> tuple[Path | None, int]:
     """The newest loadable checkpoint of this run directory (none with resume=false), checked
-    to be of the same model, quantization, tokenizer and data as this command, and distilled
-    from the same teacher (its content hash; `teacher` is its identity, None without one)."""
+    to be of the same model, quantization, tokenizer and data as this command, distilled
+    from the same teacher and adapting the same base (by content hash; `teacher` and `lora_base`
+    are their identities, None without one)."""
     removed = remove_stale_temp_files(run_dir)
     if removed and local_rank() == 0:
         print(f"removed {len(removed)} temp file(s) of an interrupted write")
@@ -102,6 +110,8 @@ def choose_resume(cfg: DictConfig, run_dir: Path, run: RunConfig, teacher: dict[
     path, ckpt = found
     if teacher is not None:
         check_same_teacher(ckpt.get("distill_teacher"), teacher, path)
+    if lora_base is not None:
+        check_same_base(ckpt.get("lora_base"), lora_base, path)
     differ = config_differences(ckpt.get("config") or {}, OmegaConf.to_container(cfg, resolve=True))
     if differ:
         raise ConfigError(
@@ -116,7 +126,6 @@ def build(cfg: DictConfig, run_dir: Path, multirun: bool, overrides: Sequence[st
     # 0. Checks that cost nothing, each made once.
     check_known_keys(cfg)
     run = RunConfig.from_cfg(cfg)
-    check_alignment_strategy(cfg, run)
     quantizer_configs(cfg)
     quant_rules(cfg)  # their shape; build_net below checks that every pattern matches a layer
     check_batch_shape(cfg)
@@ -126,31 +135,38 @@ def build(cfg: DictConfig, run_dir: Path, multirun: bool, overrides: Sequence[st
     check_launch(cfg, multirun)
     check_model(cfg)  # a size-table row, or model=hf: a checkpoint directory we can load
     distill = DistillConfig.from_cfg(cfg)
+    lora = LoraConfig.from_cfg(cfg)
+    base_path = base_source(cfg.model, run.init_from) if lora.enabled else None  # nothing to adapt from scratch
+    check_alignment_strategy(cfg, run, lora.enabled)
     tokenizer = instantiate(cfg.tokenizer)
     teacher_dir = check_teacher(distill, cfg.model, OmegaConf.select(cfg, "tokenizer.path"), tokenizer.vocab_size) if distill.enabled else None
     probe = build_net(cfg, tokenizer.vocab_size, device="meta")  # every layer's dims vs the quantizers, free
+    if lora.enabled:
+        add_adapters(probe, lora)  # every glob matches a layer, the rank fits every target; free
     budget = resolve_max_steps(cfg, probe.num_params(non_embedding=True), overrides)
     if run.skip_completed and is_completed(run_dir):
         print(f"skipping {run_dir}: results.json says completed")
         return None
-    identity = teacher_identity(teacher_dir) if teacher_dir is not None else None
-    resume_from, start_step = choose_resume(cfg, run_dir, run, identity)
-    L.seed_everything(run.seed, workers=True)
+    identity = model_identity(teacher_dir) if teacher_dir is not None else None
+    base = None if base_path is None else identity if identity and Path(identity["path"]) == base_path else model_identity(base_path)
+    resume_from, start_step = choose_resume(cfg, run_dir, run, identity, base)
+    L.seed_everything(run.seed, workers=True, verbose=False)  # the seed is in results.json; stderr is for warnings and errors
 
     # 1. Data: tokenized once into a cache (rank 0 here; the other ranks then hit the cache).
-    datamodule = instantiate(cfg.data, tokenizer=tokenizer)
-    if local_rank() == 0:
-        datamodule.prepare_data()
+    datamodule = build_datamodule(cfg.data, tokenizer, prepare=local_rank() == 0)
 
     # 2-3. The plain model (models/ knows nothing about quantization), then quantized.
     net = build_net(cfg, tokenizer.vocab_size)
     init = None
-    if run.init_from and resume_from is None:  # a resumed run already holds trained weights
+    if run.init_from and (resume_from is None or lora.enabled):  # a resumed run holds its weights; a LoRA run's base is init_from's
         init = load_initial_weights(net, run.init_from)
+    adapted = add_adapters(net, lora) if lora.enabled else []  # after the base's weights: they are frozen as loaded
     if local_rank() == 0:
         print("\n".join(quantization_summary(net)))
         if init:
             print(f"initial weights from {init['path']} (step {init['step']}{', ' + init['ptq'] if init['ptq'] else ''})")
+        if lora.enabled:
+            print(lora_summary(net, lora, adapted, base))
         print(f"max_steps {budget.steps:,} from {budget.source}")
 
     # The frozen teacher (distill=kd): the 16-bit model, never quantized, trained or saved.
@@ -171,8 +187,9 @@ def build(cfg: DictConfig, run_dir: Path, multirun: bool, overrides: Sequence[st
         flops_per_token=flops_per_token(net.cfg, cfg.data.seq_len),
         extra_checkpoint={"config": OmegaConf.to_container(cfg, resolve=True)},
         teacher=teacher,
+        lora_base=base,
     )
-    return Parts(run, module, datamodule, budget, resume_from, start_step, init, teacher)
+    return Parts(run, module, datamodule, budget, resume_from, start_step, init, teacher, base)
 
 
 def train(cfg: DictConfig, run_dir: Path, multirun: bool = False, overrides: list[str] | None = None) -> dict:
@@ -180,7 +197,7 @@ def train(cfg: DictConfig, run_dir: Path, multirun: bool = False, overrides: lis
         parts = build(cfg, run_dir, multirun, overrides or ())
     if parts is None:
         return read_results(run_dir)
-    run, module, datamodule, budget, resume_from, start_step, init, teacher = parts
+    run, module, datamodule, budget, resume_from, start_step, init, teacher, lora_base = parts
     max_steps = budget.steps
 
     # 6. Trainer: checkpoints every N steps plus last, written atomically; telemetry; faults; record.
@@ -213,6 +230,8 @@ def train(cfg: DictConfig, run_dir: Path, multirun: bool = False, overrides: lis
         record.update(init_from=init)
     if teacher:
         record.update(distill_teacher=teacher.identity)
+    if lora_base:
+        record.update(lora_base=lora_base, trainable_params=sum(p.numel() for p in net.parameters() if p.requires_grad))
     trainer.callbacks.append(StepRecorder(record, tokens_per_step(cfg), every))
 
     # 7. Fit (resuming from the newest valid checkpoint of this run directory), then a final
@@ -300,12 +319,7 @@ def main_with_one_line_errors() -> None:
     try:
         main()
     except (HydraException, OmegaConfBaseException) as err:
-        text = str(err).split("Config search path")[0]  # Hydra's search path: noise for a typo
-        lines = [line.strip() for line in text.splitlines() if line.strip()]
-        cause = err.__cause__
-        if cause is not None and str(cause).strip():
-            lines.append(str(cause).strip().splitlines()[0])
-        fail("; ".join(lines)[:600] or type(err).__name__)
+        fail(hydra_error_line(err))
 
 
 if __name__ == "__main__":

@@ -29,6 +29,19 @@ def _positive(text: str) -> float:
     return value
 
 
+def read_fit(path: str) -> ScalingFit:
+    """The fit JSON of scripts/fit_scaling_law.py; one ValueError line naming the file otherwise."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return ScalingFit.from_dict(json.load(f))
+    except OSError as err:
+        raise ValueError(f"--fit {path!r} cannot be read: {err.strerror}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"--fit {path!r} is not JSON ({err}); give the fit JSON written by scripts/fit_scaling_law.py") from None
+    except ValueError as err:
+        raise ValueError(f"--fit {path!r}: {err}") from None
+
+
 def advise(fit: ScalingFit, budget_bits: float, tokens: float | None, tokens_per_param: float | None, precisions: Sequence[str] | None) -> list[dict[str, Any]]:
     keys = list(precisions) if precisions else sorted(fit.eff)
     unknown = [k for k in keys if k not in fit.eff]
@@ -53,10 +66,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--precisions", nargs="+", default=None, help="keys to compare (default: all in the fit)")
     args = ap.parse_args(argv)
     try:
-        with open(args.fit) as f:
-            fit = ScalingFit.from_dict(json.load(f))
+        fit = read_fit(args.fit)
         rows = advise(fit, args.memory_bits, args.tokens, args.tokens_per_param, args.precisions)
-    except (OSError, json.JSONDecodeError, ValueError) as err:
+    except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     data_text = f"D = {args.tokens:.3g} tokens" if args.tokens else f"D = {args.tokens_per_param:g} x N tokens"

@@ -25,10 +25,12 @@ from qat.quant.rules import format_rules
 
 def read_rows(path: str) -> list[dict[str, str]]:
     try:
-        with open(path, newline="") as f:
+        with open(path, newline="", encoding="utf-8") as f:
             return list(csv.DictReader(f))
     except OSError as err:
         raise ValueError(f"--sensitivity {path!r} cannot be read: {err.strerror}") from None
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise ValueError(f"--sensitivity {path!r} is not a CSV file ({err}); give the CSV of scripts/layer_sensitivity.py") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

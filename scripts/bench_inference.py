@@ -136,6 +136,35 @@ def table(rows: list[tuple[str, float, float]], reference: tuple[float, float], 
     return "\n".join(lines) + "\n"
 
 
+def check_args(args: argparse.Namespace) -> tuple[object, int, str | None]:
+    """Every input checked before a model is loaded: (the model's tokenizer, its context, the
+    text of --update-doc). The model directory is read as far as its config and tensor headers."""
+    from qat.hf.load import check_checkpoint
+    from qat.hf.tokenizer import checkpoint_tokenizer
+
+    if not Path(args.model, "config.json").is_file():
+        raise ValueError(f"--model={args.model!r} is not a save_pretrained directory (no config.json)")
+    if args.tokens < 1 or args.prefill < 1:
+        raise ValueError(f"--tokens={args.tokens} and --prefill={args.prefill} must be >= 1")
+    context = check_checkpoint(args.model)[0].max_seq_len
+    if args.prefill > context or args.tokens >= context:
+        raise ValueError(f"--prefill={args.prefill} and --tokens={args.tokens} must fit the model's context of {context}")
+    tokenizer = checkpoint_tokenizer(args.model)
+    if args.gguf is not None:
+        from qat.hf.gguf_import import check_file
+
+        check_file(Path(args.gguf))
+    doc = None
+    if args.update_doc:
+        try:
+            doc = Path(args.update_doc).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise ValueError(f"--update-doc={args.update_doc!r} cannot be read as UTF-8 text ({type(err).__name__}); give a Markdown file") from None
+        if BEGIN not in doc or END not in doc.split(BEGIN, 1)[1]:
+            raise ValueError(f"--update-doc={args.update_doc!r} has no {BEGIN} ... {END} markers")
+    return tokenizer, context, doc
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="a save_pretrained Llama directory")
@@ -145,30 +174,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", nargs="*", default=None, help="only our rows whose name starts with one of these")
     p.add_argument("--update-doc", help="a Markdown file whose bench_inference block gets the table")
     args = p.parse_args(argv)
-    if not Path(args.model, "config.json").is_file():
-        print(f"error: --model={args.model!r} is not a save_pretrained directory (no config.json)", file=sys.stderr)
-        return 2
-    if args.tokens < 1 or args.prefill < 1:
-        print(f"error: --tokens={args.tokens} and --prefill={args.prefill} must be >= 1", file=sys.stderr)
-        return 2
-    if args.update_doc and not (Path(args.update_doc).is_file() and BEGIN in Path(args.update_doc).read_text()):
-        print(f"error: --update-doc={args.update_doc!r} has no {BEGIN} marker", file=sys.stderr)
+    try:
+        tokenizer, context, doc = check_args(args)
+    except ValueError as err:
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     try:
         import transformers
     except ImportError:
         print('error: the reference row needs transformers: pip install -e ".[hf]"', file=sys.stderr)
         return 2
-    from qat.hf.tokenizer import checkpoint_tokenizer
-
-    tokenizer = checkpoint_tokenizer(args.model)
     text = "The old lighthouse keeper climbed the stairs every evening, counting the steps"
     prompt = tokenizer.encode(text)
     hf = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
-    vocab, context = hf.config.vocab_size, hf.config.max_position_embeddings
-    if args.prefill > context or args.tokens >= context:
-        print(f"error: --prefill={args.prefill} and --tokens={args.tokens} must fit the model's context of {context}", file=sys.stderr)
-        return 2
+    vocab = hf.config.vocab_size
     prompt = prompt[: context - args.tokens]
     reference = transformers_rates(hf, prompt, args.tokens, args.prefill, vocab)
     del hf
@@ -185,7 +204,6 @@ def main(argv: list[str] | None = None) -> int:
     out = table(rows, reference, llama_cpp, header)
     print(out)
     if args.update_doc:
-        doc = Path(args.update_doc).read_text()
         head, rest = doc.split(BEGIN, 1)
         atomic_write_text(args.update_doc, f"{head}{BEGIN}\n{out}{END}{rest.split(END, 1)[1]}")
     return 0

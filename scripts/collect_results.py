@@ -23,10 +23,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("roots", nargs="+", help="directories searched recursively for results.json")
     ap.add_argument("--out", required=True, help="CSV to write (atomically)")
     args = ap.parse_args(argv)
-    rows = collect_results(args.roots)
-    if not rows:
-        print(f"error: no readable results.json under {', '.join(args.roots)}", file=sys.stderr)
+    skipped: list[str] = []
+    rows = collect_results(args.roots, warn=skipped.append)
+    if not rows:  # one line: the first file or root that was skipped says why
+        why = f" ({skipped[0]})" if skipped else ""
+        print(f"error: no readable results.json under {', '.join(args.roots)}{why}; give run directories of train.py (or folders of them)", file=sys.stderr)
         return 2
+    for warning in skipped:
+        print(f"warning: {warning}", file=sys.stderr)
     write_results_csv(rows, args.out)
     status = Counter(r["status"] for r in rows)
     summary = ", ".join(f"{n} {s}" for s, n in sorted(status.items()))

@@ -62,8 +62,6 @@ from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 from torch.torch_version import TorchVersion
@@ -74,7 +72,7 @@ from qat.inference.compare import MIB, ArmRow, agreement, markdown, perplexity, 
 from qat.models.llama import Llama, LlamaConfig
 from qat.quant.config import QuantizerConfig
 from qat.quant.convert import quantize_model
-from qat.train.lifecycle import check_quantizable
+from qat.train.lifecycle import build_datamodule, check_quantizable
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 GROUP = 32
@@ -261,12 +259,7 @@ def data_batches(args: argparse.Namespace, tokenizer) -> tuple[list, list]:
         cfg = OmegaConf.to_container(compose("train", overrides=["data=local"]), resolve=True)["data"]
     # Set after composing: a path is a value here, never parsed as override syntax.
     cfg.update(path=str(Path(args.data).resolve()), seq_len=args.seq_len, batch_size=args.batch_size, val_batches=args.val_batches, seed=args.seed)
-    try:
-        dm = instantiate(OmegaConf.create(cfg), tokenizer=tokenizer)
-    except InstantiationException as err:  # Hydra wraps the data module's own one-line errors
-        raise (err.__cause__ if isinstance(err.__cause__, ValueError) else err) from None
-    dm.prepare_data()
-    dm.setup("fit")
+    dm = build_datamodule(cfg, tokenizer, stage="fit")  # a bad corpus: one line naming data.* (FLAGS maps it)
     train = [(x.clone(), y.clone()) for x, y in islice(dm.train_dataloader(), args.steps)]
     val = [(x.clone(), y.clone()) for x, y in dm.val_dataloader()]
     return train, val

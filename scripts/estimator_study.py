@@ -18,7 +18,7 @@ import math
 import sys
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from qat.io import atomic_write, atomic_write_json, atomic_write_text
 from qat.scaling.results import find_result_files
@@ -38,19 +38,26 @@ def mean_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float,
     return mean, stats.t.ppf(0.5 + level / 2, n - 1) * sd / math.sqrt(n), n
 
 
-def study_rows(roots: Sequence[str]) -> list[dict[str, Any]]:
-    """One row per (estimator, rotation, bits) over the completed runs under the roots."""
+def study_rows(roots: Sequence[str], warn: Callable[[str], None]) -> list[dict[str, Any]]:
+    """One row per (estimator, rotation, bits) over the completed runs under the roots; a file
+    that is not a results.json of train.py is passed to `warn` and skipped."""
     groups: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: {"loss": [], "cos": []})
-    for path in find_result_files(roots):
-        r = json.loads(path.read_text())
-        if r.get("status") != "completed":
+    for path in find_result_files(roots, warn):
+        try:
+            r = json.loads(path.read_text(encoding="utf-8"))
+            if r.get("status") != "completed":
+                continue
+            w = r["quantization"]["weight"]
+            key = (str(w["estimator"]), str(w["rotation"]), float(w["bits"]))
+            loss = float(r["val_loss"])
+            cos = (r.get("grad_alignment") or {}).get("align/mean_cos")
+            cos = None if cos is None else float(cos)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:  # not JSON, not an object, a field missing
+            warn(f"{path} is not a results.json of train.py ({type(err).__name__}: {' '.join(str(err).split())[:100]}); skipped")
             continue
-        w = r["quantization"]["weight"]
-        key = (w["estimator"], w["rotation"], float(w["bits"]))
-        groups[key]["loss"].append(float(r["val_loss"]))
-        cos = (r.get("grad_alignment") or {}).get("align/mean_cos")
+        groups[key]["loss"].append(loss)
         if cos is not None:
-            groups[key]["cos"].append(float(cos))
+            groups[key]["cos"].append(cos)
     rows = []
     for (estimator, rotation, bits), g in groups.items():
         loss, loss_ci, n = mean_ci(g["loss"])
@@ -96,10 +103,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("roots", nargs="+", help="sweep directories holding results.json files")
     ap.add_argument("--out", required=True, help="directory for study.md, study.json and the plots")
     args = ap.parse_args(argv)
-    rows = study_rows(args.roots)
-    if not rows:
-        print(f"error: no completed runs under {', '.join(args.roots)}", file=sys.stderr)
+    skipped: list[str] = []
+    rows = study_rows(args.roots, skipped.append)
+    if not rows:  # one line: the first file or root that was skipped says why
+        why = f" ({skipped[0]})" if skipped else ""
+        print(f"error: no completed runs under {', '.join(args.roots)}{why}; give sweep directories holding results.json of train.py", file=sys.stderr)
         return 2
+    for warning in skipped:
+        print(f"warning: {warning}", file=sys.stderr)
     out = Path(args.out)
     table = markdown(rows)
     atomic_write_text(out / "study.md", table)

@@ -23,28 +23,28 @@ import json
 import math
 import sys
 import time
-from itertools import islice
 from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from qat.inference.evaluation import loss_over, multiple_choice_accuracy
 from qat.inference.agreement import AgreementMeter
 from qat.inference.loading import load_model, load_reference
 from qat.io import atomic_write_json
+from qat.train.lifecycle import build_datamodule
 from qat.train.run_config import config_errors
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+HELLASWAG_LINE = '{"ctx": str, "endings": [str, ...], "label": int}'
 
 
 def data_config(run_config: dict, overrides: list[str]):
     """The checkpoint's data config, or a freshly composed one when data overrides are given."""
     if not overrides:
         return OmegaConf.create(run_config)["data"]
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+    with config_errors(), initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):  # `data=nope`: one line
         return compose("train", overrides=overrides).data
 
 
@@ -60,6 +60,26 @@ def score_against(net, reference, batches, device) -> tuple[dict, dict]:
         meter.update(logits, ref, y.to(device))
     r = meter.result()
     return {"loss": math.log(r["ppl"]), "ppl": r["ppl"], "tokens": r["tokens"]}, r
+
+
+def read_examples(path: str, limit: int | None) -> list:
+    """The first `limit` multiple-choice examples of a JSONL file, read before any scoring; a
+    file that is not UTF-8 JSON lines is one line naming it (multiple_choice_accuracy checks
+    each example's keys)."""
+    examples: list = []
+    number = 0
+    try:
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if limit is not None and len(examples) >= limit:
+                    break
+                if line.strip():
+                    examples.append(json.loads(line))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"--hellaswag={path!r} is not UTF-8 (byte {err.object[err.start]:#04x} at offset {err.start}); give a JSON lines file") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--hellaswag={path!r} line {number} is not JSON ({err.msg}); each line must be {HELLASWAG_LINE}") from None
+    return examples
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,14 +105,16 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--reference scores the val tokens; it cannot go with --no-loss")
         if args.reference and not Path(args.reference).exists():
             raise ValueError(f"--reference={args.reference!r} does not exist (expected a save_pretrained directory, a train.py checkpoint or a packed export)")
+        if args.out and Path(args.out).is_dir():
+            raise ValueError(f"--out={args.out!r} is a directory; give the JSON file to write")
+        examples = read_examples(args.hellaswag, args.limit) if args.hellaswag else None
         model = load_model(args.ckpt, args.model, args.device, args.backend)
+        dm = None
+        if not args.no_loss:
+            dm = build_datamodule(data_config(model.config, args.overrides), model.tokenizer, stage="validate")  # a bad corpus: one line
         reference = load_reference(args.reference, args.device) if args.reference else None
         metrics: dict = {"model": model.source, "step": model.step}
-        if not args.no_loss:
-            with config_errors():  # a bad data override: one line, as in train.py
-                dm = instantiate(data_config(model.config, args.overrides), tokenizer=model.tokenizer)
-            dm.prepare_data()
-            dm.setup("validate")
+        if dm is not None:
             started = time.perf_counter()
             if reference is None:
                 metrics["val"] = loss_over(model.net, dm.val_dataloader(), args.device)
@@ -102,11 +124,9 @@ def main(argv: list[str] | None = None) -> int:
             metrics["val"]["tokens_per_s"] = metrics["val"]["tokens"] / (time.perf_counter() - started)
             if dm.loss_floor is not None:
                 metrics["val"]["loss_floor"] = dm.loss_floor
-        if args.hellaswag:
-            with open(args.hellaswag) as f:
-                lines = (json.loads(line) for line in f if line.strip())
-                metrics["multiple_choice"] = multiple_choice_accuracy(model.net, model.tokenizer, islice(lines, args.limit))
-    except (ValueError, json.JSONDecodeError) as err:
+        if examples is not None:
+            metrics["multiple_choice"] = multiple_choice_accuracy(model.net, model.tokenizer, examples)
+    except ValueError as err:
         print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
         return 2
     print(json.dumps(metrics, indent=2))

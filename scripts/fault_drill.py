@@ -55,11 +55,23 @@ def _kill_once(cmd: list[str], run_dir: Path, during_write: bool, rng: random.Ra
     return None
 
 
+def _uninterrupted(cmd: list[str]) -> None:
+    """The reference run. train.py refuses bad overrides in one `error:` line (exit code 2),
+    before any step: that line becomes this script's ValueError; any other failure a RuntimeError."""
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode == 0:
+        return
+    errors = [line.removeprefix("error: ") for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    if proc.returncode == 2 and errors:
+        raise ValueError(f"train.py refused the overrides: {errors[-1]}")
+    raise RuntimeError(f"the uninterrupted train.py run failed with exit code {proc.returncode}: {(errors or proc.stderr.strip().splitlines() or ['no output'])[-1]}")
+
+
 def drill(kills: int, steps: int, overrides: Sequence[str], seed: int) -> dict[str, Any]:
     rng = random.Random(seed)
     with tempfile.TemporaryDirectory() as tmp:
         whole, cut = Path(tmp) / "whole", Path(tmp) / "cut"
-        subprocess.run(_command(whole, steps, overrides), cwd=ROOT, check=True, capture_output=True)
+        _uninterrupted(_command(whole, steps, overrides))
         reference = torch.load(whole / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
         events = []
         for i in range(kills):
@@ -86,9 +98,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.kills < 1 or args.steps < 10:
         print(f"error: --kills={args.kills} must be >= 1 and --steps={args.steps} >= 10", file=sys.stderr)
         return 2
+    if Path(args.out).is_dir():
+        print(f"error: --out={args.out!r} is a directory; give the JSON file to write", file=sys.stderr)
+        return 2
     from qat.io import atomic_write_json
 
-    report = drill(args.kills, args.steps, args.overrides, args.seed)
+    try:
+        report = drill(args.kills, args.steps, args.overrides, args.seed)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except RuntimeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     for e in report["kills"]:
         print(f"kill {e['kill']}: {e['moment']}; checkpoints left: {', '.join(e['checkpoints_after_kill']) or 'none'}")
     print(f"final run: exit {report['final_exit']}, status {report['final_status']}, step {report['final_step']}; "

@@ -109,10 +109,14 @@ def format_report(rep: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace, skipped: list[str]) -> dict[str, Any]:
+    """The fit and its report; the files and rows that load_runs skips are collected in
+    `skipped` and printed as warnings once the runs are known to be fit-able."""
     _check_args(args)
-    runs = load_runs(args.runs, args.format, args.include_incomplete)
+    runs = load_runs(args.runs, args.format, args.include_incomplete, warn=skipped.append)
     validate_runs(runs, args.law)  # before any fitting work
+    for warning in skipped:
+        print(f"warning: {warning}", file=sys.stderr)
     start = time.perf_counter()
     fit = fit_scaling_law(runs, law=args.law, n_starts=args.starts, seed=args.seed, huber_delta=args.huber_delta)
     seconds = time.perf_counter() - start
@@ -136,10 +140,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    skipped: list[str] = []
     try:
-        run(args)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
+        run(args, skipped)
+    except ValueError as err:  # one line: the first file or row skipped may say why
+        print(f"error: {err}{f' ({skipped[0]})' if skipped else ''}", file=sys.stderr)
         return 2
     return 0
 

@@ -31,14 +31,13 @@ import sys
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 from qat.inference.evaluation import loss_over
 from qat.inference.llama_cpp import quantize_gguf, require_llama_cpp, speed, window_agreement, window_loss
 from qat.io import atomic_write_json, atomic_write_text
 from qat.packed.gguf_export import export_gguf
 from qat.train.checkpoint import LoadedModel, load_trained, read_checkpoint
+from qat.train.lifecycle import build_datamodule
 
 
 K_M = "PTQ Q4_K_M"
@@ -46,9 +45,7 @@ K_M = "PTQ Q4_K_M"
 
 def heldout_batches(loaded: LoadedModel, limit: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """A loaded checkpoint's own validation (x, y) batches, the first `limit` of them."""
-    dm = instantiate(OmegaConf.create(loaded.config)["data"], tokenizer=loaded.tokenizer)
-    dm.prepare_data()
-    dm.setup("validate")
+    dm = build_datamodule(loaded.config["data"], loaded.tokenizer, stage="validate")
     batches = []
     for x, y in dm.val_dataloader():
         if len(batches) == limit:
@@ -89,11 +86,32 @@ def markdown(rows: list[dict], removed: float, kind: str) -> str:
 
 def check_kind(flag: str, ckpt: str, bits: float, asymmetric: bool, preset: str) -> None:
     """A checkpoint of the wrong kind is refused before anything is written."""
-    weight = read_checkpoint(Path(ckpt))["quantization"]["weight"]
+    saved = read_checkpoint(Path(ckpt))
+    if "quantization" not in saved or "config" not in saved:
+        raise ValueError(f"--{flag}={ckpt!r} was not written by train.py (no config/quantization entries); give a train.py checkpoint (RUN/checkpoints/last.ckpt)")
+    weight = saved["quantization"]["weight"]
     found = (weight["bits"], weight.get("asymmetric", False) if bits != 16 else False)
     if found != (bits, asymmetric):
         kind = f"{found[0]:g}-bit{' asymmetric' if found[1] else ''}"
         raise ValueError(f"--{flag}={ckpt!r} has {kind} weights; this arm needs {bits:g}-bit{' asymmetric' if asymmetric else ''} (train it with quant={preset})")
+
+
+def export_both(out: Path, exports: list[tuple[str, Path, str]], tokenizer_gguf: str | None) -> None:
+    """scripts/export_gguf.py for each (checkpoint, file, embedding type) into `out`; when one is
+    refused, the files written here (and `out`, if made here) are removed again."""
+    made = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    try:
+        for ckpt, file, embeddings in exports:
+            export_gguf(ckpt, file, embeddings=embeddings, tokenizer_gguf=tokenizer_gguf, force=True)
+            written.append(file)
+    except ValueError:
+        for file in written:
+            file.unlink(missing_ok=True)
+        if made:
+            out.rmdir()
+        raise
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,23 +133,23 @@ def main(argv: list[str] | None = None) -> int:
         for flag in ("baseline_ckpt", "qat_ckpt", "tokenizer_gguf"):
             if getattr(args, flag) is not None and not Path(getattr(args, flag)).is_file():
                 raise ValueError(f"--{flag.replace('_', '-')}={getattr(args, flag)!r} is not a file")
-        require_llama_cpp()
         check_kind("baseline-ckpt", args.baseline_ckpt, 16, False, "bf16")
         check_kind("qat-ckpt", args.qat_ckpt, 4, args.type == "q4_1", f"gguf_{args.type}")
+        # The QAT run's own validation data, read before anything is written: a corpus that
+        # has moved or shrunk is refused here, not after three GGUF files.
+        trained = load_trained(args.qat_ckpt)
+        batches = heldout_batches(trained, args.val_batches)
+        windows = windows_of(batches)
+        require_llama_cpp()
         out, kind = Path(args.out), args.type.upper()
         ptq, qat = f"PTQ {kind}", f"QAT {kind}"
         files = {"16-bit": out / "16-bit.gguf", ptq: out / f"ptq-{args.type}.gguf", K_M: out / "ptq-q4_k_m.gguf", qat: out / f"qat-{args.type}.gguf"}
-        out.mkdir(parents=True, exist_ok=True)
-        export_gguf(args.qat_ckpt, files[qat], embeddings="q8_0", tokenizer_gguf=args.tokenizer_gguf, force=True)
-        export_gguf(args.baseline_ckpt, files["16-bit"], embeddings="f16", tokenizer_gguf=args.tokenizer_gguf, force=True)
+        export_both(out, [(args.qat_ckpt, files[qat], "q8_0"), (args.baseline_ckpt, files["16-bit"], "f16")], args.tokenizer_gguf)
     except ValueError as err:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     quantize_gguf(files["16-bit"], files[ptq], args.type, embeddings="q8_0", threads=args.threads)
     quantize_gguf(files["16-bit"], files[K_M], "q4_k_m", embeddings="q8_0", threads=args.threads)
-    trained = load_trained(args.qat_ckpt)  # once: its validation data and its loss
-    batches = heldout_batches(trained, args.val_batches)
-    windows = windows_of(batches)
     prompt = windows[0][: args.prefill]
     ours = {"16-bit": loss_over(load_trained(args.baseline_ckpt).net, batches)["loss"], ptq: None, K_M: None, qat: loss_over(trained.net, batches)["loss"]}
     rows = []

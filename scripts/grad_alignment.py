@@ -13,13 +13,11 @@ import sys
 from itertools import islice
 
 import torch
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 from qat.io import atomic_write_json
 from qat.train.alignment import alignment_metrics, gradient_alignment
 from qat.train.checkpoint import load_trained
-from qat.train.run_config import config_errors
+from qat.train.lifecycle import build_datamodule
 
 
 def mean_over_batches(per_batch: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
@@ -38,10 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.batches < 1:
             raise ValueError(f"--batches={args.batches} must be >= 1")
         model = load_trained(args.ckpt, args.device)
-        with config_errors():
-            dm = instantiate(OmegaConf.create(model.config)["data"], tokenizer=model.tokenizer)
-        dm.prepare_data()
-        dm.setup("validate")
+        dm = build_datamodule(model.config["data"], model.tokenizer, stage="validate")
     except ValueError as err:
         print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
         return 2

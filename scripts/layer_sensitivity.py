@@ -29,8 +29,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 from qat.inference.evaluation import loss_over
 from qat.io import atomic_write, atomic_write_text
@@ -164,10 +162,9 @@ def write_heatmap(rows: Sequence[dict], bits: Sequence[float], path: Path, title
 
 def val_batches(config: dict, tokenizer: object, batches: int | None) -> list:
     """The run's own validation batches (the first `batches` of them), held in memory."""
-    data = OmegaConf.create(config)["data"]
-    dm = instantiate(data, tokenizer=tokenizer, **({"val_batches": batches} if batches is not None else {}))
-    dm.prepare_data()
-    dm.setup("validate")
+    from qat.train.lifecycle import build_datamodule
+
+    dm = build_datamodule(config["data"], tokenizer, stage="validate", **({"val_batches": batches} if batches is not None else {}))
     return list(dm.val_dataloader())
 
 
@@ -187,7 +184,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.batches is not None and args.batches < 1:
             raise ValueError(f"--batches={args.batches} must be an integer >= 1")
         if not Path(args.ckpt).is_file():
-            raise ValueError(f"--ckpt {args.ckpt!r} does not exist")
+            what = "is a directory" if Path(args.ckpt).is_dir() else "does not exist"
+            raise ValueError(f"--ckpt {args.ckpt!r} {what}; give a checkpoint file of train.py (RUN/checkpoints/last.ckpt)")
         from qat.train.checkpoint import load_trained  # Lightning/Hydra: only past the argument checks
 
         model = load_trained(args.ckpt, args.device)

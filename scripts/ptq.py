@@ -32,8 +32,8 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from qat.ptq.calibration import gptq_model, gptq_problem
-from qat.train.checkpoint import load_initial_weights, read_checkpoint, write_model_checkpoint
-from qat.train.lifecycle import build_net, check_model, quantization_summary
+from qat.train.checkpoint import checkpoint_file, load_initial_weights, read_checkpoint, write_model_checkpoint
+from qat.train.lifecycle import build_datamodule, build_net, check_model, quantization_summary
 from qat.train.run_config import ConfigError, config_errors, override_key, quantizer_configs
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -64,9 +64,8 @@ def run_config(model_dir: str | None, ckpt: str | None, overrides: list[str]) ->
 
 
 def calibration_batches(cfg: dict, tokenizer, count: int) -> list[torch.Tensor]:
-    dm = instantiate(OmegaConf.create(cfg["data"]), tokenizer=tokenizer)
-    dm.prepare_data()
-    dm.setup("fit")
+    """The first `count` batches of the data config's train split (a bad corpus: one ConfigError line)."""
+    dm = build_datamodule(cfg["data"], tokenizer, stage="fit")
     return [x for x, _ in islice(dm.train_dataloader(), count)]
 
 
@@ -88,12 +87,14 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--method={args.method!r} is not a method; use one of {', '.join(METHODS)}")
         if args.calibration_batches < 1 or args.block < 1 or not 0 <= args.damp < 1:
             raise ValueError(f"--calibration-batches={args.calibration_batches} and --block={args.block} must be >= 1 and --damp={args.damp} in [0, 1)")
+        if Path(args.out).is_dir():
+            raise ValueError(f"--out={args.out!r} is a directory; give the checkpoint file to write")
         if Path(args.out).exists() and not args.force:
             raise ValueError(f"--out={args.out!r} exists; pass --force to replace it")
         if args.model is not None and not Path(args.model, "config.json").is_file():
             raise ValueError(f"--model={args.model!r} is not a save_pretrained directory (no config.json)")
-        if args.ckpt is not None and not Path(args.ckpt).is_file():
-            raise ValueError(f"--ckpt={args.ckpt!r} does not exist")
+        if args.ckpt is not None:
+            checkpoint_file(args.ckpt, "--ckpt")
         with config_errors():
             cfg = run_config(args.model, args.ckpt, args.overrides)
             omega = OmegaConf.create(cfg)
@@ -103,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
             probe = build_net(omega, tokenizer.vocab_size, device="meta")  # every layer's dims vs the quantizers, free
             if args.method == "gptq" and (why := gptq_problem(probe)):
                 raise ValueError(why)
+            # The calibration text, tokenized before any weight is loaded: a corpus that is
+            # missing, empty or smaller than one batch is refused here, not after the model.
+            batches = calibration_batches(cfg, tokenizer, args.calibration_batches) if args.method == "gptq" else []
     except (ValueError, ConfigError) as err:
         print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
         return 2
@@ -114,7 +118,6 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(quantization_summary(net)))
     record: dict = {"method": args.method, "source": str(Path(args.model or args.ckpt).resolve())}
     if args.method == "gptq":
-        batches = calibration_batches(cfg, tokenizer, args.calibration_batches)
         reports = gptq_model(net, batches, block=args.block, damp=args.damp)
         record.update(
             calibration_tokens=sum(b.numel() for b in batches), block=args.block, damp=args.damp,

@@ -64,6 +64,9 @@ ARMS = [
     *(Arm(f"{m}-gguf-{t}{s}", m, [f"quant=gguf_{t}", *(["quant.weight.scale=rms_mse"] if s else [])])
       for t in ("q4_0", "q4_1") for s in ("", "-mse") for m in ("rtn", "qat")),
 ]
+# The config keys behind this script's flags (data_overrides), as its error lines name them.
+FLAGS = {"data.seq_len": "--seq-len", "data.batch_size": "--batch-size", "data.val_batches": "--val-batches",
+         "data.source.val_fraction": "--val-fraction", "data.path": "--data"}  # fmt: skip
 FIELDS = ["arm", "method", "quant", "tokens_seen", "val_loss", "val_ppl", "wall_s", "eval_s", "peak_mem_gib", "command"]
 
 
@@ -84,6 +87,26 @@ def data_overrides(args: argparse.Namespace) -> list[str]:
         "data=local", f"data.path={args.data}", f"data.seq_len={args.seq_len}", f"data.batch_size={args.batch_size}",
         f"data.val_batches={args.val_batches}", f"data.source.val_fraction={args.val_fraction}",
     ]  # fmt: skip
+
+
+def check_inputs(args: argparse.Namespace) -> None:
+    """The model directory (config.json and tensor headers, no weights) and the corpus as every
+    arm reads it (the model's tokenizer, the arms' data overrides), before the first arm starts:
+    a corpus that is empty, not UTF-8 or too small for --batch-size is one ValueError line here.
+    The corpus is tokenized into the token cache the arms then read (they run from the checkout)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from qat.train.lifecycle import build_datamodule, check_model
+    from qat.train.run_config import config_errors
+
+    with config_errors():
+        with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+            cfg = compose("train", overrides=["model=hf", f"model.path={args.model}", *data_overrides(args)])
+        check_model(cfg)
+        tokenizer = instantiate(cfg.tokenizer)
+    cache_dir = Path(os.path.expanduser(cfg.data.cache_dir))
+    build_datamodule(cfg.data, tokenizer, cache_dir=str(cache_dir if cache_dir.is_absolute() else ROOT / cache_dir))
 
 
 def arm_commands(arm: Arm, args: argparse.Namespace, out: Path) -> tuple[list[list[str]], Path]:
@@ -162,6 +185,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --model={args.model!r} must be a save_pretrained directory and --data={args.data!r} a file", file=sys.stderr)
         return 2
     args.model, args.data = str(Path(args.model).resolve()), str(Path(args.data).resolve())
+    try:
+        check_inputs(args)
+    except ValueError as err:
+        line = " ".join(str(err).split())
+        for key, flag in FLAGS.items():  # the data module and checkpoint checks name config keys
+            line = line.replace(key, flag)
+        print(f"error: {line}", file=sys.stderr)
+        return 2
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     rows = list(csv.DictReader(open(out / "results.csv"))) if (out / "results.csv").is_file() else []
@@ -171,10 +202,14 @@ def main(argv: list[str] | None = None) -> int:
             continue
         commands, ckpt = arm_commands(arm, args, out)
         wall, memory = 0.0, 0.0
-        for cmd in commands:
-            seconds, peak = timed(cmd, out / f"{arm.name}.log")
-            wall, memory = wall + seconds, max(memory, peak)
-        loss, seconds, peak = evaluate(ckpt, args, out / f"{arm.name}.eval.log")
+        try:
+            for cmd in commands:
+                seconds, peak = timed(cmd, out / f"{arm.name}.log")
+                wall, memory = wall + seconds, max(memory, peak)
+            loss, seconds, peak = evaluate(ckpt, args, out / f"{arm.name}.eval.log")
+        except RuntimeError as err:  # the arm's own error is in its log; the rows so far are kept
+            print(f"error: arm {arm.name}: {err}", file=sys.stderr)
+            return 1
         tokens = args.steps * args.batch_size * args.seq_len if arm.method == "qat" else args.calibration_batches * args.batch_size * args.seq_len if arm.method == "gptq" else 0
         rows.append({
             "arm": arm.name, "method": arm.method, "quant": " ".join(arm.quant), "tokens_seen": tokens, "val_loss": loss, "val_ppl": math.exp(loss),

@@ -73,6 +73,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        if os.path.isdir(args.out):
+            raise ValueError(f"--out={args.out!r} is a directory; give the tokenizer JSON file to write")
         tokenizer = train_byte_level_bpe(training_texts(args), args.vocab_size, args.eos_token, args.min_frequency)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -2,7 +2,8 @@
 folder kernels/) below everything (it imports nothing else of `qat`), `qat.models` (models/)
 knows nothing of quantization, the library never imports scripts, `qat.scaling` imports
 without torch; and the import names: nothing is importable as a top-level `kernels` or
-`models`, so neither Hugging Face's `kernels` nor any other distribution is shadowed."""
+`models`, so neither Hugging Face's `kernels` nor any other distribution is shadowed; and no
+source file over MAX_LINES lines (STYLE.md: about 300 lines, one concept per file)."""
 
 import ast
 import subprocess
@@ -14,6 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("qat", "models", "kernels")
 MAPPED = {"kernels": "qat.kernels", "models": "qat.models"}  # folder -> import name (pyproject)
+MAX_LINES = 400  # the ceiling above STYLE.md's "about 300 lines per file"
 
 
 def _module_name(path: Path) -> str:
@@ -102,6 +104,13 @@ def test_kernels_are_the_lowest_layer_and_models_know_no_quantization():
             assert all(d.startswith("qat.models.") for d in deps), (name, deps)
         if name != "train":
             assert "train" not in deps, name
+
+
+def test_no_source_file_is_over_the_line_limit():
+    """A file past the limit holds more than one concept: split it along its seams."""
+    sources = [ROOT / "train.py", *(p for folder in (*PACKAGES, "scripts") for p in (ROOT / folder).rglob("*.py"))]
+    too_long = {str(p.relative_to(ROOT)): n for p in sources if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert not too_long, f"source files over {MAX_LINES} lines (path: lines): {too_long}"
 
 
 def test_library_never_imports_scripts():

@@ -12,7 +12,7 @@ from qat.quant.rules import LayerRule
 from qat.train.run_config import ConfigError, quant_rules, quantizer_configs
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-GROUPS = ["model", "quant", "data", "tokenizer", "trainer", "logger", "optimizer", "scheduler", "experiment", "sweep"]
+GROUPS = ["model", "quant", "lora", "data", "tokenizer", "trainer", "logger", "optimizer", "scheduler", "experiment", "sweep"]
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONFIGS / g).glob("*.yaml")) if not p.stem.startswith("_")]
 NEEDS = {("data", "local"): ["data.path=x.txt"], ("tokenizer", "hf"): ["tokenizer.path=t.json"]}
 SHRINK = [

@@ -33,7 +33,9 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from qat.packed.gguf_export import BYTE_SENTINEL_MERGE, converted_tokenizer, export_gguf, gguf_field, rope_freq_factors  # noqa: E402
+from qat.packed.gguf_export import export_gguf  # noqa: E402
+from qat.packed.gguf_tensors import rope_freq_factors  # noqa: E402
+from qat.packed.gguf_tokenizer import BYTE_SENTINEL_MERGE, converted_tokenizer, gguf_field  # noqa: E402
 from qat.train.checkpoint import load_trained, write_model_checkpoint  # noqa: E402
 from qat.train.lifecycle import build_net  # noqa: E402
 
@@ -292,7 +294,7 @@ def bpe_export(directory: Path, llama3: bool = False) -> SimpleNamespace:
     writes, or Llama 3's split regex), a checkpoint that uses it, and its export."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from qat.packed.gguf_export import LLAMA3_REGEX
+    from qat.packed.gguf_tokenizer import LLAMA3_REGEX
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = (

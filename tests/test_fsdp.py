@@ -2,7 +2,8 @@
 
 The wrap is checked in-process (one unit per transformer block, the quantized layers inside,
 the 0-d quantizer scales kept whole). End to end, trainer=fsdp_cpu (two processes) must
-match one process within the DDP tolerance, LSQ scales included, and an interrupted FSDP
+match DDP on the same two ranks almost bitwise, LSQ scales included, follow one process's
+trajectory, and an interrupted FSDP
 run must resume to bitwise the same weights as an uninterrupted one.
 """
 
@@ -34,7 +35,6 @@ RUN = (
     "checkpoint.every_n_steps=2",
     "checkpoint.keep_all=false",
 )
-DDP_TOLERANCE = 2e-3  # val loss, as tests/test_train.py::test_ddp_cpu_matches_single_process
 
 
 def _results(run_dir):
@@ -99,9 +99,11 @@ def test_fsdp_cpu_matches_ddp_and_single_process_lsq_scales_included(fsdp_run, t
     assert one.keys() == two.keys()  # a full state dict with the plain model's names
     groups = [torch.load(d / "checkpoints" / "last.ckpt", weights_only=True)["optimizer_states"][0]["param_groups"] for d in (tmp_path / "single", fsdp_run)]
     assert [(len(g["params"]), g["weight_decay"]) for g in groups[0]] == [(len(g["params"]), g["weight_decay"]) for g in groups[1]]
-    # One process: within the DDP tolerance (4-bit rounding turns last-bit differences of a
-    # different reduction order into slightly different trajectories).
-    assert abs(fsdp["val_loss"] - single["val_loss"]) < DDP_TOLERANCE, (fsdp["val_loss"], single["val_loss"])
+    # One process: Lightning's FSDP refuses float64, so this runs in float32, where a different
+    # reduction order flips a few 4-bit codes and the trajectories drift (1.9e-4 here after 8
+    # steps). The bound only says it is the same run; the exact checks are the DDP ones below
+    # and, in float64, tests/test_train.py::test_ddp_cpu_matches_single_process.
+    assert abs(fsdp["val_loss"] - single["val_loss"]) < 2e-2, (fsdp["val_loss"], single["val_loss"])
     assert _scales_rel_diff(one, two) < 1e-2
     # DDP over the same two ranks computes the same per-rank gradients: FSDP must agree with it
     # almost bitwise, the replicated scales' averaged gradients included.

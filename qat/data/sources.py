@@ -99,6 +99,7 @@ class LocalSource:
         hf_cache_dir: str | None = None,
     ):
         paths = [path] if isinstance(path, str) else list(path)
+        self._path = path if isinstance(path, str) else [str(p) for p in paths]  # as given, for error lines
         if not paths:
             raise ValueError("data.path is empty; give a file or folder")
         self.files = _list_files(paths)
@@ -132,13 +133,21 @@ class LocalSource:
 
     def _load(self) -> dict[str, Any]:
         if self._splits is None:
-            from datasets import load_dataset
+            import datasets
 
-            dataset = load_dataset(self.format, data_files=self.files, split="train", cache_dir=self.hf_cache_dir)
+            # No progress bar on stderr: a script's stderr holds its own warnings and, for a
+            # corpus refused below, its one `error:` line.
+            quiet = datasets.are_progress_bars_disabled()
+            datasets.disable_progress_bars()
+            try:
+                dataset = datasets.load_dataset(self.format, data_files=self.files, split="train", cache_dir=self.hf_cache_dir)
+            finally:
+                if not quiet:
+                    datasets.enable_progress_bars()
             if self.text_field not in dataset.column_names:
                 raise ValueError(f"data.source.text_field={self.text_field!r} is not a column of {self.files[0]}: columns are {dataset.column_names}")
             if len(dataset) < 2:
-                raise ValueError(f"empty corpus: data.path has {len(dataset)} documents; need at least 2 (train and val)")
+                raise ValueError(f"empty corpus: data.path={self._path!r} has {len(dataset)} documents; need at least 2 (train and val)")
             num_val = max(1, round(self.val_fraction * len(dataset)))
             parts = dataset.train_test_split(test_size=num_val, seed=self.seed, shuffle=True)
             self._splits = {"train": parts["train"], "val": parts["test"]}

@@ -143,13 +143,12 @@ def quantization_config(bits: int, group: int | None) -> dict[str, Any]:
 def export_compressed(ckpt: str | Path, out_dir: str | Path, force: bool = False) -> dict[str, Any]:
     """What scripts/export_compressed.py runs; returns {"bits", "group", "layers"}. Bad input is
     one ValueError line, raised before anything is written; the directory appears when complete."""
-    from qat.train.checkpoint import load_trained
+    from qat.train.checkpoint import checkpoint_file, load_trained
 
     out, ckpt = Path(out_dir), Path(ckpt)
     check_output_dir(out, force)
     require_compressed_tensors()
-    if not ckpt.is_file():
-        raise ValueError(f"checkpoint {str(ckpt)!r} does not exist (expected RUN/checkpoints/last.ckpt)")
+    checkpoint_file(ckpt)  # before the (slow) load
     model = load_trained(ckpt)
     scheme = check_exportable(model.net)
     codes, steps = codes_and_steps(model.net)

@@ -113,12 +113,11 @@ def write_hf_dir(net: nn.Module, tokenizer: Any, run_config: dict[str, Any], ste
 def export_hf(ckpt: str | Path, out_dir: str | Path, weights: str = "latent", dtype: str = "float32", force: bool = False) -> Path:
     """Export a train.py checkpoint (what scripts/export_hf.py runs); returns the directory.
     Every bad input is a one-line ValueError, raised before the checkpoint is loaded."""
-    from qat.train.checkpoint import load_trained  # Lightning/Hydra only for this entry point
+    from qat.train.checkpoint import checkpoint_file, load_trained  # Lightning/Hydra only for this entry point
 
     out, ckpt = Path(out_dir), Path(ckpt)
     _check_request(out, weights, dtype, force)
-    if not ckpt.is_file():
-        raise ValueError(f"checkpoint {str(ckpt)!r} does not exist (expected RUN/checkpoints/last.ckpt)")
+    checkpoint_file(ckpt)  # before the (slow) load
     model = load_trained(ckpt)
     with atomic_directory(out, force) as tmp:
         write_hf_dir(model.net, model.tokenizer, model.config, model.step, tmp, weights, dtype)

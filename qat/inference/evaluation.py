@@ -43,6 +43,8 @@ def multiple_choice_accuracy(net: nn.Module, tokenizer: Any, examples: Iterable[
     for i, ex in enumerate(examples):
         try:
             ctx, endings, label = ex["ctx"], list(ex["endings"]), int(ex["label"])
+            if not isinstance(ctx, str) or not all(isinstance(e, str) for e in endings):
+                raise TypeError
         except (KeyError, TypeError, ValueError):
             raise ValueError(f"example {i} needs keys ctx (str), endings (list of str) and label (int)") from None
         if not 0 <= label < len(endings):

@@ -172,12 +172,11 @@ def export_packed(
 def export_checkpoint(ckpt: str | Path, out_dir: str | Path, force: bool = False) -> Path:
     """Export a train.py checkpoint (what scripts/export.py runs). Any unreadable file is a
     one-line ValueError naming it."""
-    from qat.train.checkpoint import load_trained  # Lightning/Hydra only for this entry point
+    from qat.train.checkpoint import checkpoint_file, load_trained  # Lightning/Hydra only for this entry point
 
     ckpt = Path(ckpt)
     check_output_dir(Path(out_dir), force)  # fail before the (slow) load
-    if not ckpt.is_file():
-        raise ValueError(f"checkpoint {str(ckpt)!r} does not exist (expected RUN/checkpoints/last.ckpt)")
+    checkpoint_file(ckpt)  # before the (slow) load
     try:
         model = load_trained(ckpt)
     except ValueError:

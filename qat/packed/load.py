@@ -45,7 +45,9 @@ def read_config(root: Path) -> dict[str, Any]:
         config = json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"{str(path)!r} is not valid JSON ({err})") from None
-    version = _field(config, "format_version", CONFIG_FILE)
+    if isinstance(config, Mapping) and "format_version" not in config and "model_type" in config:
+        raise ValueError(f"{str(root)!r} is a Hugging Face model directory, not a packed export (scripts/export.py writes one)")
+    version = _field(config, "format_version", repr(str(path)))
     if version != FORMAT_VERSION:
         raise ValueError(f"format_version={version!r} is not supported; this code reads format_version {FORMAT_VERSION}")
     return config

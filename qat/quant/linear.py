@@ -9,6 +9,9 @@ In eval without autograd (validation, evaluation, generation) the quantized weig
 once and reused: the weights do not change between decoding steps, and re-rotating and
 re-quantizing every matrix for every token was most of a decode step on a real model.
 `fold_input_rotations(net)` goes one step further for decoding 16-bit-input layers.
+
+A layer may hold a `lora` (qat/quant/low_rank.py, attached by qat/train/lora.py): its weight
+quantizer then sees the merged weight W + (alpha / r) B A, re-formed in every forward.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from torch import nn
 
 from qat.quant.config import QuantizerConfig
 from qat.quant.hadamard import hadamard_transform
+from qat.quant.low_rank import LowRankDelta
 from qat.quant.quantizer import Quantizer
 
 ConfigLike = QuantizerConfig | Mapping[str, Any] | None
@@ -54,6 +58,7 @@ class QuantLinear(nn.Linear):
                 f"({a.rotation}, block {a.hadamard_block}) must match; a 16-bit side may still rotate"
             )
 
+        self.lora: LowRankDelta | None = None  # None: no state-dict entries, the plain layer's keys
         self._weight_cache: tuple[tuple, torch.Tensor] | None = None
         # Opt-in (fold_input_rotations): in eval without autograd a 16-bit input is not rotated;
         # the cached weight is rotated back instead. The same product within float error, not
@@ -71,7 +76,11 @@ class QuantLinear(nn.Linear):
         load_state_dict bumps it), the quantizer and its config, and the same of its learned
         scale; train() drops it.
         Training, autograd and compiled graphs always recompute."""
-        return self._cached_weight(folded=False) if self._caching() else self.weight_quantizer(self.weight)
+        return self._cached_weight(folded=False) if self._caching() else self.weight_quantizer(self.latent_weight())
+
+    def latent_weight(self) -> torch.Tensor:
+        """What the weight quantizer rounds: W, or with an adapter the merged W + (alpha / r) B A."""
+        return self.weight if self.lora is None else self.lora(self.weight)
 
     def _caching(self) -> bool:
         return not (self.training or torch.is_grad_enabled() or torch.compiler.is_compiling())
@@ -84,9 +93,11 @@ class QuantLinear(nn.Linear):
     def _cached_weight(self, folded: bool) -> torch.Tensor:
         quantizer = self.weight_quantizer  # swapped or re-configured (sensitivity probes): a new key
         key = (folded, id(quantizer), quantizer.cfg, _version_key(self.weight), *(_version_key(t) for t in (*quantizer.parameters(), *quantizer.buffers())))
+        if self.lora is not None:  # an optimizer step on A or B, or another adapter: a new key
+            key += (self.lora.scale, *(_version_key(t) for t in self.lora.parameters()))
         if None not in key and self._weight_cache is not None and self._weight_cache[0] == key:
             return self._weight_cache[1]
-        weight = quantizer(self.weight)
+        weight = quantizer(self.latent_weight())
         if folded:  # back to the input's own basis by H^T (H^-1; a Paley block is not symmetric)
             weight = hadamard_transform(weight, quantizer.cfg.hadamard_block, inverse=True)
         if None not in key:
@@ -118,6 +129,8 @@ class QuantLinear(nn.Linear):
 
     def to_linear(self) -> nn.Linear:
         """The plain layer holding the latent (unquantized) weights, parameters shared."""
+        if self.lora is not None:  # the plain layer would silently drop the adapter
+            raise ValueError("this layer holds a LoRA adapter; merge it first (qat.train.lora.merge_adapters)")
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
         linear.weight = self.weight
         linear.bias = self.bias

@@ -125,6 +125,8 @@ class ScalingFit:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ScalingFit":
+        if not isinstance(d, dict):
+            raise ValueError(f"a fit is a JSON object written by fit_scaling_law, got a {type(d).__name__}")
         try:
             return cls(
                 **{k: d[k] for k in ("law", "A", "alpha", "B", "beta", "E", "eff", "law_params", "cost", "huber_delta", "n_runs", "mean_rel_error", "max_rel_error")},

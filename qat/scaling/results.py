@@ -70,8 +70,8 @@ def load_quest_runs(path: str | Path) -> list[Run]:
     """The QuEST runs as `Run`s. FP4 runs carry 16 bits in the table (their quantizer has no
     `bits` kwarg); they are given their true 4/4 bits here."""
     try:
-        table = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        table = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"cannot read QuEST table {path}: {err}") from None
     if not isinstance(table, list):
         raise ValueError(f"QuEST table {path}: expected a JSON list of runs, got {type(table).__name__}")
@@ -119,8 +119,8 @@ def _number(value: Any) -> int | float | None:
 def read_result(path: Path) -> dict[str, Any]:
     """One results.json as a row of RESULT_COLUMNS; ValueError if unreadable or malformed."""
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"{path}: unreadable ({err})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object")
@@ -183,11 +183,11 @@ def write_results_csv(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
 
 def read_results_csv(path: str | Path) -> list[dict[str, str]]:
     try:
-        with open(path, newline="") as f:
+        with open(path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
             rows = list(reader)
             header = reader.fieldnames
-    except OSError as err:
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
         raise ValueError(f"cannot read runs file {path}: {err}") from None
     if not header:
         raise ValueError(f"runs file {path} is empty; expected a CSV with columns {', '.join(RESULT_COLUMNS)}")

@@ -14,13 +14,13 @@ the same vocabulary and tokenizer. It is frozen, in eval mode, without gradients
 `distill.teacher_dtype`. It is never a submodule of the trained module: it is not in the
 optimizer, the state dict or a checkpoint, and FSDP does not shard it (every rank holds the whole
 teacher, as DDP does). A checkpoint records the teacher's identity (its path and a SHA-256 of its
-config and weight files); resuming against another teacher is refused, naming both.
+config and weight files, qat/train/identity.py); resuming against another teacher is refused,
+naming both.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +32,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from qat.inference.agreement import kl_from_log_probs
+from qat.train.identity import check_same_model
+from qat.train.lifecycle import pretrained_path
 
 METHODS = ("none", "kd")
 TEACHER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -101,12 +103,7 @@ def teacher_directory(distill: DistillConfig, model: Any) -> str:
     """The teacher's directory: distill.teacher, else model=hf's model.path; one line if neither."""
     if distill.teacher is not None:
         return distill.teacher
-    if model.get("size") == "hf":
-        return model["path"]
-    raise ValueError(
-        f"distill=kd needs a teacher, and model.size={model.get('size')!r} is trained from scratch; "
-        "fine-tune a pretrained model (model=hf model.path=DIR) or name one with distill.teacher=DIR"
-    )
+    return pretrained_path(model, "distill=kd needs a teacher", "name one with distill.teacher=DIR")
 
 
 def _vocabulary(directory: Path) -> dict[str, int]:
@@ -143,28 +140,14 @@ def check_teacher(distill: DistillConfig, model: Any, tokenizer_path: str | None
     return directory
 
 
-def teacher_identity(directory: Path) -> dict[str, str]:
-    """{"path", "sha256"}: the digest of config.json and every weight file, in name order."""
-    from qat.hf.load import CONFIG_FILE, weight_files
-
-    digest = hashlib.sha256()
-    for file in [directory / CONFIG_FILE, *sorted(weight_files(directory))]:
-        digest.update(file.name.encode() + b"\0")
-        with open(file, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 24), b""):
-                digest.update(chunk)
-    return {"path": str(directory), "sha256": digest.hexdigest()}
-
-
 def check_same_teacher(saved: dict[str, str] | None, now: dict[str, str], checkpoint: Path) -> None:
-    """A resumed run distils from the teacher it started with (same weights, wherever they lie)."""
-    if saved is None:
-        raise ValueError(f"{checkpoint} was trained without distillation; resume=false (or another run_name=) starts a distilled run")
-    if saved.get("sha256") != now["sha256"]:
-        raise ValueError(
-            f"{checkpoint} was distilled from {saved.get('path')} (sha256 {str(saved.get('sha256'))[:12]}), "
-            f"not from {now['path']} (sha256 {now['sha256'][:12]}); resume=false (or another run_name=) starts a new run"
-        )
+    """A resumed run distils from the teacher it started with."""
+    check_same_model(
+        saved, now,
+        absent=f"{checkpoint} was trained without distillation; resume=false (or another run_name=) starts a distilled run",
+        recorded=f"{checkpoint} was distilled from",
+        remedy="resume=false (or another run_name=) starts a new run",
+    )  # fmt: skip
 
 
 def load_teacher(directory: Path, vocab_size: int, dtype: str) -> nn.Module:

@@ -1,8 +1,10 @@
-"""The model half of the lifecycle, in one place: plain model -> initialised -> quantized.
+"""The lifecycle's builders, in one place: plain model -> initialised -> quantized, and the
+data module.
 
 `build_net` is what train.py, checkpoint loading, the benchmarks and export all call, so a
-model is built and converted the same way everywhere. Compiling and wrapping for the
-trainer come after it, in train.py.
+model is built and converted the same way everywhere; `build_datamodule` is what train.py and
+every script that reads batches call, so a bad corpus is refused the same way everywhere.
+Compiling and wrapping for the trainer come after them, in train.py.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from qat.quant.hadamard import check_block
 from qat.quant.linear import QuantLinear
 from qat.quant.rules import LayerQuant
 from qat.scaling.precision import LayerPrecision
-from qat.train.run_config import quant_rules
+from qat.train.run_config import config_errors, quant_rules
 
 # Models above this many parameters are built on the meta device (no memory, no default
 # init) and materialised once: the default nn.Linear init of a billion-parameter model
@@ -77,6 +79,18 @@ def is_hf_model(model: Mapping[str, Any]) -> bool:
     return model.get("size") == HF_MODEL
 
 
+def pretrained_path(model: Mapping[str, Any], needs: str, instead: str) -> str:
+    """model=hf's model.path, the pretrained weights a run starts from. A from-scratch model (a
+    size-table row) has none: one line saying what `needs` them and what to do `instead`
+    (distill=kd's teacher, a LoRA run's base)."""
+    if is_hf_model(model):
+        return model["path"]
+    raise ValueError(
+        f"{needs}, and model.size={model.get('size')!r} is trained from scratch; "
+        f"fine-tune a pretrained model (model=hf model.path=DIR) or {instead}"
+    )
+
+
 def check_model(cfg: DictConfig) -> None:
     """model.size is a size-table row, or model=hf names a checkpoint we can load (files,
     config and tensor headers only: no weights are read). One line for anything else."""
@@ -126,6 +140,23 @@ def build_net(cfg: DictConfig | Mapping[str, Any], vocab_size: int, device: str 
     quantize_model(net, weight, activation, rules=quant_rules(cfg))
     check_quantizable(net)
     return net
+
+
+def build_datamodule(data: DictConfig | Mapping[str, Any], tokenizer: Any, stage: str | None = None, prepare: bool = True, **overrides: Any) -> Any:
+    """The data module of a `data` config (`overrides` replace its keys), its text tokenized
+    into the cache (`prepare`: rank 0 only under DDP) and, with a `stage`, set up. Every bad
+    data value (a missing, empty or one-document corpus, a batch larger than the corpus, a file
+    that is not UTF-8) fails here as one ConfigError line, before any model work; Hydra would
+    otherwise wrap the data module's own error in two InstantiationExceptions."""
+    from hydra.utils import instantiate
+
+    with config_errors():
+        dm = instantiate(data if isinstance(data, DictConfig) else OmegaConf.create(dict(data)), tokenizer=tokenizer, **overrides)
+        if prepare:
+            dm.prepare_data()
+        if stage is not None:
+            dm.setup(stage)
+    return dm
 
 
 # Wrappers that FSDP and activation checkpointing insert into module names; a layer's name

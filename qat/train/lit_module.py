@@ -25,6 +25,7 @@ from torch import nn
 from qat.inference.agreement import token_kl
 from qat.train.distill import Teacher, distill_loss
 from qat.train.lifecycle import quantization_metadata
+from qat.train.lora import LORA_BASE, adapter_state
 from qat.train.optim import build_optimizer
 
 # Dense bf16 tensor-core peaks (FLOP/s) for MFU; unknown devices report no MFU.
@@ -47,10 +48,15 @@ class QATModule(L.LightningModule):
         flops_per_token: float | None = None,
         extra_checkpoint: Mapping[str, Any] | None = None,
         teacher: Teacher | None = None,
+        lora_base: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__()
         self.net = net
         self.teacher = teacher  # a plain object, never a submodule (not trained, saved or sharded)
+        # A LoRA run (qat/train/lora.py): checkpoints hold the adapters and quantizer state only,
+        # with the frozen base's identity; loading one fills the rest from the base built here.
+        self.lora_base = dict(lora_base) if lora_base is not None else None
+        self.strict_loading = lora_base is None
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.flops_per_token = flops_per_token
@@ -147,4 +153,15 @@ class QATModule(L.LightningModule):
         checkpoint["quantization"] = quantization_metadata(self.net)
         if self.teacher is not None:
             checkpoint["distill_teacher"] = dict(self.teacher.identity)  # its identity, never its weights
+        if self.lora_base is not None:
+            checkpoint["state_dict"] = adapter_state(checkpoint["state_dict"])
+            checkpoint[LORA_BASE] = dict(self.lora_base)
         checkpoint.update(self.extra_checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Loading is not strict for a LoRA run (the base is not in the file): every adapter must
+        # be. FSDP has loaded the state before this hook and removed it from the dict.
+        if self.lora_base is not None and "state_dict" in checkpoint:
+            missing = sorted(set(adapter_state(self.state_dict())) - set(checkpoint["state_dict"]))
+            if missing:
+                raise ValueError(f"the checkpoint lacks {missing[0]} ({len(missing)} adapter entries missing)")

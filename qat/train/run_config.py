@@ -18,9 +18,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from hydra.errors import InstantiationException
+from hydra.errors import HydraException, InstantiationException
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from qat.quant.config import QuantizerConfig
 from qat.quant.rules import LayerRule, parse_rules
@@ -35,7 +35,8 @@ class ConfigError(ValueError):
 @contextlib.contextmanager
 def config_errors() -> Iterator[None]:
     """Turn the ways a bad override surfaces (ValueError, Hydra's InstantiationException
-    wrapping one, a missing ??? value) into a one-line ConfigError."""
+    wrapping one, a missing ??? value, a bad group option or key when composing) into a
+    one-line ConfigError."""
     try:
         yield
     except ConfigError:
@@ -46,9 +47,22 @@ def config_errors() -> Iterator[None]:
             cause = cause.__cause__
         if isinstance(cause, (ValueError, MissingMandatoryValue)):
             raise ConfigError(_one_line(cause)) from None
-        raise
+        raise  # a bug in a _target_, not a bad value: its traceback is the report
     except (MissingMandatoryValue, ValueError) as err:
         raise ConfigError(_one_line(err)) from None
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(hydra_error_line(err)) from None
+
+
+def hydra_error_line(err: BaseException) -> str:
+    """Hydra's several-line report of a bad group option or key (`quant=nope`,
+    `checkpoint.foo=1`) as one line: the message without the config search path, and its cause."""
+    text = str(err).split("Config search path")[0]  # Hydra's search path: noise for a typo
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    cause = err.__cause__
+    if cause is not None and str(cause).strip():
+        lines.append(str(cause).strip().splitlines()[0])
+    return "; ".join(lines)[:600] or type(err).__name__
 
 
 def _one_line(err: BaseException) -> str:
@@ -233,7 +247,7 @@ def check_launch(cfg: DictConfig, multirun: bool) -> None:
 
 
 # Top-level keys a composed config may have: the config groups, the schema's own keys, Hydra's.
-CONFIG_GROUPS = ("model", "quant", "distill", "data", "tokenizer", "trainer", "logger", "optimizer", "scheduler", "experiment", "sweep")
+CONFIG_GROUPS = ("model", "quant", "distill", "lora", "data", "tokenizer", "trainer", "logger", "optimizer", "scheduler", "experiment", "sweep")
 SCHEMA_KEYS = ("run_name", "seed", "compile", "max_tokens", "tokens_per_param", "resume", "skip_completed", "init_from", "checkpoint", "telemetry")
 
 
@@ -281,11 +295,15 @@ def world_size(cfg: DictConfig) -> int:
     return 1
 
 
-def check_alignment_strategy(cfg: DictConfig, run: RunConfig) -> None:
-    """Gradient alignment takes per-layer gradients of the whole weights: not of FSDP shards."""
-    name = strategy_name(cfg)
-    if "fsdp" in name and (run.telemetry.grad_alignment_every or run.telemetry.final_grad_alignment):
+def check_alignment_strategy(cfg: DictConfig, run: RunConfig, lora: bool = False) -> None:
+    """Gradient alignment takes per-layer gradients of the whole weights: not of FSDP shards, and
+    not of a LoRA run's frozen weights (its merged weights are formed inside the forward)."""
+    if not (run.telemetry.grad_alignment_every or run.telemetry.final_grad_alignment):
+        return
+    if "fsdp" in strategy_name(cfg):
         raise ConfigError("telemetry.grad_alignment_every / final_grad_alignment are not supported with FSDP; use trainer=ddp or set them to 0 / false")
+    if lora:
+        raise ConfigError("telemetry.grad_alignment_every / final_grad_alignment are not supported with lora (the base weights are frozen); set them to 0 / false, or run scripts/grad_alignment.py on the merged checkpoint")
 
 
 def check_world_divides_batch(cfg: DictConfig) -> None:
