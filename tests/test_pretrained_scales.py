@@ -102,6 +102,7 @@ COMBINATIONS = [
 ]
 
 
+@pytest.mark.slow  # 63 short trainings, about 75 s: a sweep for the full suite, not the inner loop
 @pytest.mark.parametrize("preset, scale, estimator", COMBINATIONS)
 def test_no_allowed_combination_diverges_in_a_few_steps(preset, scale, estimator, one_thread):
     if preset == "gguf_q4_1" and scale == "mse_search":
