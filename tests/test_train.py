@@ -146,6 +146,7 @@ def test_wandb_offline(tmp_path):
         ("+foo=1", "unknown config key 'foo'"),
         ("quant.weight.hadamard_block=256", "not divisible by the Hadamard block 256"),
         ("telemetry.every=-5", "telemetry.every=-5 must be an integer >= 0"),
+        *([("trainer=gpu", "no CUDA device is visible; add trainer=cpu")] if not torch.cuda.is_available() else []),
     ],
 )
 def test_bad_overrides_fail_in_one_line_before_training(tmp_path, override, message):

@@ -274,6 +274,12 @@ def check_optimizer_and_trainer(cfg: DictConfig) -> None:
     clip = OmegaConf.select(cfg, "trainer.gradient_clip_val")
     if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not math.isfinite(clip) or clip < 0):
         raise ConfigError(f"trainer.gradient_clip_val={clip!r} must be a number >= 0 or null")
+    accelerator = OmegaConf.select(cfg, "trainer.accelerator")
+    if accelerator in ("gpu", "cuda"):
+        import torch  # Lightning's own message ("No supported gpu backend found!") names no fix
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"trainer.accelerator={accelerator!r} but no CUDA device is visible; add trainer=cpu (or ddp_cpu, fsdp_cpu) to train on the CPU")
 
 
 def check_scheduler(cfg: DictConfig) -> None:
