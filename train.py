@@ -43,7 +43,7 @@ from qat.train.checkpoint import (
     newest_checkpoint,
     remove_stale_temp_files,
 )
-from qat.train.distill import DistillConfig, Teacher, check_same_teacher, check_teacher, load_teacher
+from qat.train.distill import DistillConfig, Teacher, check_same_teacher, check_teacher, load_teacher, teacher_skeleton
 from qat.train.identity import model_identity
 from qat.train.faults import Diverged, DivergenceGuard, Interrupted, SignalCheckpoint
 from qat.train.lifecycle import build_datamodule, build_net, check_model, layer_precisions, peak_lr, quantization_metadata, quantization_summary
@@ -61,10 +61,12 @@ from qat.train.run_config import (
     check_world_divides_batch,
     config_errors,
     hydra_error_line,
+    override_key,
     quant_rules,
     quantizer_configs,
     StepBudget,
     resolve_max_steps,
+    strategy_name,
     tokens_per_step,
 )
 from qat.train.run_record import EXIT_DIVERGED, RunRecord, StepRecorder, fail, is_completed, read_results
@@ -136,6 +138,8 @@ def build(cfg: DictConfig, run_dir: Path, multirun: bool, overrides: Sequence[st
     check_model(cfg)  # a size-table row, or model=hf: a checkpoint directory we can load
     distill = DistillConfig.from_cfg(cfg)
     lora = LoraConfig.from_cfg(cfg)
+    if lora.enabled and lora.lr is not None and "optimizer.lr" in {override_key(o) for o in overrides}:
+        raise ConfigError(f"optimizer.lr is ignored with lora.lr={lora.lr:g} (a LoRA run's LR); set lora.lr=... instead, or lora.lr=null to use optimizer.lr")
     base_path = base_source(cfg.model, run.init_from) if lora.enabled else None  # nothing to adapt from scratch
     check_alignment_strategy(cfg, run, lora.enabled)
     tokenizer = instantiate(cfg.tokenizer)
@@ -170,9 +174,17 @@ def build(cfg: DictConfig, run_dir: Path, multirun: bool, overrides: Sequence[st
         print(f"max_steps {budget.steps:,} from {budget.source}")
 
     # The frozen teacher (distill=kd): the 16-bit model, never quantized, trained or saved.
-    teacher = Teacher(load_teacher(teacher_dir, tokenizer.vocab_size, distill.teacher_dtype), distill, identity) if teacher_dir else None
+    # A LoRA run whose base is the teacher computes the teacher with the base's own frozen
+    # tensors (no second copy), except under FSDP, which shards them.
+    shared = base is not None and base is identity and distill.teacher_dtype == "float32" and "fsdp" not in strategy_name(cfg)
+    teacher = None
+    if teacher_dir and shared:
+        teacher = Teacher(teacher_skeleton(teacher_dir, tokenizer.vocab_size), distill, identity, student=net)
+    elif teacher_dir:
+        teacher = Teacher(load_teacher(teacher_dir, tokenizer.vocab_size, distill.teacher_dtype), distill, identity)
     if teacher and local_rank() == 0:
-        print(f"distillation from {identity['path']} (sha256 {identity['sha256'][:12]}, {distill.teacher_dtype}, T={distill.temperature:g}, ce_weight={distill.ce_weight:g})")
+        held = "the frozen base's own weights" if shared else distill.teacher_dtype
+        print(f"distillation from {identity['path']} (sha256 {identity['sha256'][:12]}, {held}, T={distill.temperature:g}, ce_weight={distill.ce_weight:g})")
 
     # 4. Compile after quantization, in place (state-dict keys stay the plain model's).
     if run.compile:
@@ -180,6 +192,8 @@ def build(cfg: DictConfig, run_dir: Path, multirun: bool, overrides: Sequence[st
 
     # 5. The module receives its parts; the optimizer partial carries lr and weight decay.
     lr = cfg.optimizer.lr if cfg.optimizer.lr is not None else peak_lr(cfg.model)
+    if lora.enabled and lora.lr is not None:  # adapters start at 0 and need ~10x a full fine-tuning LR
+        lr = lora.lr
     module = QATModule(
         net,
         optimizer=instantiate(cfg.optimizer, lr=lr),

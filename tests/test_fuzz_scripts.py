@@ -209,6 +209,12 @@ CASES = [
     case("gguf_study", "--baseline-ckpt", "IN/bf16.ckpt", "--qat-ckpt", "IN/gone.ckpt", "--out", "OUT/s", says="gone.jsonl' does not exist", needs=("gguf",)),
     case("gguf_study", "--baseline-ckpt", "IN/bf16.ckpt", "--qat-ckpt", "IN/model.ckpt", "--out", "OUT/s", "--tokenizer-gguf", "IN/noise.gguf",
          says="noise.gguf' is not a GGUF file", needs=("gguf", "llama_cpp")),  # refused after the study directory is made: it goes again
+    *(case("bench_lora", "--model", f"IN/{bad}", "--data", "IN/corpus.jsonl", "--out", "OUT/b", "--seq-len", "16", "--ranks", "4", says=says) for bad, says in NOT_A_HF_DIR),
+    *(case("bench_lora", "--model", "IN/hf", "--data", f"IN/{bad}", "--out", "OUT/b", "--seq-len", "16", "--ranks", "4", says=says) for bad, says in BAD_CORPUS),
+    *(case("bench_lora", "--model", "IN/hf", "--data", "IN/corpus.jsonl", "--out", "OUT/b", *argv, says=says) for argv, says in (
+        (["--ranks", "0"], "--ranks 0 is not allowed"), (["--batch-sizes", "2", "2"], "--batch-sizes 2 2 repeats a value"),
+        (["--steps", "2"], "--steps 2 is too few"), (["--quant", "nope"], "Could not find 'quant/nope'"),
+        (["--ranks", "5000", "--seq-len", "16"], "lora.rank=5000 is larger than min(in, out)"))),
     *(case("compare_torchao", "--model", f"IN/{bad}", "--data", "IN/corpus.jsonl", "--out", "OUT/c", "--seq-len", "16", "--arms", "unquantized", says=says)
       for bad, says in NOT_A_HF_DIR if bad != "packed"),
     case("compare_torchao", "--model", "IN/packed", "--data", "IN/corpus.jsonl", "--out", "OUT/c", "--seq-len", "16", "--arms", "unquantized", says="packed/tokenizer.json' does not exist"),

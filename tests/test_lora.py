@@ -103,7 +103,9 @@ def codes(layer: QuantLinear, weight: torch.Tensor) -> torch.Tensor:
         ({"dropout": 1.0}, "lora.dropout=1.0 must be a number in [0, 1)"),
         ({"target": []}, "lora.target=[] must be a glob or a non-empty list"),
         ({"name": "qlora"}, "lora.name='qlora' is not allowed; choose one of 'none', 'lora'"),
-        ({"name": "none", "rank": 8}, "lora.rank / alpha / dropout / target are ignored with lora=none"),
+        ({"name": "none", "rank": 8}, "lora.rank / alpha / dropout / target / lr are ignored with lora=none"),
+        ({"lr": 0}, "lora.lr=0 must be a number > 0, or null for optimizer.lr"),
+        ({"lr": "fast"}, "lora.lr='fast' must be a number > 0"),
         ({"ranks": 8}, "lora.ranks is not a key"),
     ],
 )
@@ -114,7 +116,7 @@ def test_bad_values_name_the_value_and_what_is_allowed(values, says):
 
 def test_defaults_and_the_scale():
     cfg = LoraConfig.from_mapping(run_config("lora=default")["lora"])
-    assert (cfg.enabled, cfg.rank, cfg.resolved_alpha, cfg.scale, cfg.dropout, cfg.target) == (True, 16, 32.0, 2.0, 0.0, ("*",))
+    assert (cfg.enabled, cfg.rank, cfg.resolved_alpha, cfg.scale, cfg.dropout, cfg.target, cfg.lr) == (True, 16, 32.0, 2.0, 0.0, ("*",), 1e-3)
     assert LoraConfig.from_mapping({"name": "lora", "rank": 64}).scale == 2.0  # alpha null follows the rank
     assert LoraConfig.from_mapping({"name": "lora", "rank": 8, "alpha": 8}).scale == 1.0
     assert LoraConfig.from_mapping({"name": "lora", "target": "layers.*.attn.*"}).target == ("layers.*.attn.*",)
@@ -205,21 +207,28 @@ def test_merged_model_computes_the_lora_training_forward(preset):
     assert (deployed - trained.detach()).abs().max().item() <= 1e-12
 
 
+def adapted_layer(preset: str, out_features: int) -> tuple[QuantLinear, QuantizerConfig]:
+    """(a float64 QuantLinear [out, 128] of the preset with a frozen random weight and a rank-4
+    adapter whose B is random, its weight quantizer's config); seeded."""
+    torch.manual_seed(0)
+    cfg = run_config(f"quant={preset}")
+    w, a = (QuantizerConfig.from_mapping(cfg["quant"][s]) for s in ("weight", "activation"))
+    layer = QuantLinear(128, out_features, bias=False, weight_config=w, input_config=a).double()
+    with torch.no_grad():
+        layer.weight.normal_(0, 0.05)
+    layer.weight.requires_grad_(False)
+    layer.lora = LowRankDelta(128, out_features, rank=4, alpha=8, dtype=torch.float64)
+    with torch.no_grad():
+        layer.lora.b.normal_(0, 0.05)
+    return layer, w
+
+
 @pytest.mark.parametrize("preset", ["quest", "lsq"])
 def test_the_gradient_reaches_a_and_b_through_the_weight_estimator(preset):
     """autograd's dA, dB equal the chain rule by hand: G = dL/dM through the weight quantizer at
     M = W + s B A (a leaf), then dA = s B^T G and dB = s G A^T. G is the estimator's (trust, LSQ;
     both zero the clipped weights' gradient): it differs from that of the unquantized product."""
-    torch.manual_seed(0)
-    cfg = run_config(f"quant={preset}")
-    w, a = (QuantizerConfig.from_mapping(cfg["quant"][s]) for s in ("weight", "activation"))
-    layer = QuantLinear(128, 96, bias=False, weight_config=w, input_config=a).double()
-    with torch.no_grad():
-        layer.weight.normal_(0, 0.05)
-    layer.weight.requires_grad_(False)
-    layer.lora = LowRankDelta(128, 96, rank=4, alpha=8, dtype=torch.float64)
-    with torch.no_grad():
-        layer.lora.b.normal_(0, 0.05)
+    layer, w = adapted_layer(preset, 96)
     x, g = torch.randn(6, 128, dtype=torch.float64), torch.randn(6, 96, dtype=torch.float64)
     (layer(x) * g).sum().backward()
 
@@ -231,6 +240,36 @@ def test_the_gradient_reaches_a_and_b_through_the_weight_estimator(preset):
     torch.testing.assert_close(lora.a.grad, s * lora.b.detach().T @ grad, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(lora.b.grad, s * grad @ lora.a.detach().T, rtol=1e-12, atol=1e-12)
     assert layer.weight.grad is None and not torch.allclose(grad, plain)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_recomputing_the_merged_weight_in_backward_changes_nothing_but_memory(preset, monkeypatch):
+    """A LoRA layer's training step keeps only its input for the backward and quantizes the merged
+    weight again there: the same output (bitwise) and gradients of A, B and the learned scale
+    (float64, 1e-12) as autograd keeping the weight, and between forward and backward it holds
+    less than the one weight-sized tensor that F.linear alone keeps."""
+    from qat.inference.compare import memory_profile
+
+    def step(layer: QuantLinear, x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], int]:
+        layer.zero_grad(set_to_none=True)
+        x = x.detach().requires_grad_()  # inside a network: earlier adapters make the input trainable
+        with memory_profile() as prof:
+            y = layer(x)
+        held = sum(e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]") - y.numel() * y.element_size()
+        (y * g).sum().backward()
+        return y.detach(), [x.grad, *(p.grad for p in layer.parameters() if p.requires_grad)], held
+
+    layer, _ = adapted_layer(preset, 384)
+    x, g = torch.randn(4, 128, dtype=torch.float64), torch.randn(4, 384, dtype=torch.float64)
+    assert layer._recompute_weight()
+    y, grads, held = step(layer, x, g)
+    monkeypatch.setattr(QuantLinear, "_recompute_weight", lambda self: False)
+    y_kept, grads_kept, held_kept = step(layer, x, g)
+    assert torch.equal(y, y_kept) and len(grads) == len(grads_kept) >= 3
+    for grad, kept in zip(grads, grads_kept):
+        torch.testing.assert_close(grad, kept, rtol=1e-12, atol=1e-15)
+    weight_bytes = layer.weight.numel() * 8
+    assert held < 0.25 * weight_bytes <= weight_bytes <= held_kept, (held, held_kept)
 
 
 def test_the_eval_weight_cache_follows_the_adapters():
@@ -382,7 +421,7 @@ def test_every_exporter_takes_a_lora_checkpoint_as_its_merge(preset, exporter, t
 QUEST = "quant.weight.hadamard_block=16"  # quest's full block does not fit hidden 64 and 96
 RUN = (
     "lora=default", "data.seq_len=64", "trainer.max_steps=4", "trainer.val_check_interval=2",
-    "checkpoint.every_n_steps=2", "telemetry.every=2", "trainer.log_every_n_steps=1", "optimizer.lr=3e-3",
+    "checkpoint.every_n_steps=2", "telemetry.every=2", "trainer.log_every_n_steps=1", "lora.lr=3e-3",
 )  # fmt: skip
 
 
@@ -414,6 +453,88 @@ def _max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> f
     return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
 
 
+def _build(tmp_path: Path, base: Path, *extra: str):
+    """train.py's build() of a distilled run on `base` (no training): its parts."""
+    import train
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"document {i} says the cow eats grass number {i}\n" for i in range(300)))
+    overrides = ["model=hf", f"model.path={base}", "data=local", f"data.path={corpus}", "data.seq_len=32", "data.batch_size=2", "data.val_batches=1", "distill=kd", *extra]
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    return train.build(cfg, tmp_path / "run", False, overrides)
+
+
+def test_lora_lr_is_the_runs_lr_and_optimizer_lr_beside_it_is_refused(hf_base, tmp_path):
+    parts = _build(tmp_path / "null", hf_base, "lora=default", "lora.lr=null", "optimizer.lr=5e-4")
+    assert parts.module.optimizer_factory.keywords["lr"] == 5e-4
+    with pytest.raises(ConfigError, match=re.escape("optimizer.lr is ignored with lora.lr=0.001 (a LoRA run's LR); set lora.lr=")):
+        _build(tmp_path / "both", hf_base, "lora=default", "optimizer.lr=5e-4")
+
+
+def test_a_lora_students_teacher_is_its_frozen_base_not_a_copy(hf_base, tmp_path):
+    """distill=kd with lora=... and the default teacher: the teacher holds no weights (a meta
+    skeleton run on the student's frozen tensors) and computes the loaded teacher's logits
+    exactly, before and after a training step; a full-QAT student, FSDP (which shards the base)
+    and another teacher dtype each get their own copy."""
+    from qat.train.distill import load_teacher
+
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*self.log.*")  # training_step outside a Trainer: logging is a no-op
+    parts = _build(tmp_path, hf_base, "lora=default", "quant=gguf_q4_0")
+    teacher, net = parts.teacher, parts.module.net
+    assert teacher.student is net and all(p.is_meta for p in teacher.net.parameters())
+    reference = load_teacher(hf_base, 260, "float32")
+    idx = torch.randint(0, 260, (2, 32), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(teacher.logits(idx), reference(idx))
+    randomize_adapters(net)  # the adapters train; the teacher is the base, not the adapted model
+    loss = parts.module.training_step((idx, idx), 0)
+    loss.backward()
+    assert loss.item() > 0 and torch.equal(teacher.logits(idx), reference(idx))
+    assert all(p.grad is not None for n, p in net.named_parameters() if ".lora." in n)
+
+    assert parts.module.optimizer_factory.keywords["lr"] == 1e-3  # lora.lr, not experiment-free optimizer.lr
+    for i, extra in enumerate(([], ["lora=default", "trainer=fsdp_cpu"], ["lora=default", "distill.teacher_dtype=bfloat16"])):
+        other = _build(tmp_path / f"other{i}", hf_base, "quant=gguf_q4_0", *extra).teacher
+        assert other.student is None and not any(p.is_meta for p in other.net.parameters()), extra
+
+
+@pytest.mark.slow
+def test_bench_lora_measures_what_the_arms_hold(hf_base, tmp_path):
+    """scripts/bench_lora.py on the tiny base: the arms' parameters, teacher and optimizer state
+    against their closed forms, the peak as their sum, and the projection's parameter counts
+    against Llama-2-7B's (6,738,415,616; LoRA on our fused qkv and the four other linears of
+    each block: r * 69,888 per block)."""
+    from test_fuzz_scripts import script_main
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"document {i} says the cow eats grass number {i}\n" for i in range(300)))
+    argv = ["--model", str(hf_base), "--data", str(corpus), "--quant", "gguf_q4_0", "--ranks", "4", "--seq-len", "16",
+            "--batch-sizes", "2", "1", "--steps", "3", "--out", str(tmp_path / "out")]  # fmt: skip
+    assert script_main("bench_lora")(argv) == 0
+    report = json.loads((tmp_path / "out" / "bench_lora.json").read_text())
+    rows = {(r["arm"], r["batch_size"]): r for r in report["rows"]}
+    full, lora = rows["full", 2], rows["lora r4", 2]
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("train", overrides=["model=hf", f"model.path={hf_base}", "quant=gguf_q4_0"])
+    adapters = sum(4 * (m.in_features + m.out_features) for m in layers(build_net(cfg, 260, device="meta")).values())
+    assert full["trainable_params"] == full["total_params"] and lora["trainable_params"] == adapters
+    assert lora["model_mib"] == pytest.approx(full["model_mib"] + 4 * adapters / 2**20)
+    assert lora["teacher_mib"] == 0 and full["teacher_mib"] == pytest.approx(full["model_mib"], rel=0.01)  # LoRA's teacher is its base
+    for r in (full, lora):  # AdamW: two fp32 states per trained weight (and a step count per tensor)
+        assert 8 * r["trainable_params"] <= r["optimizer_mib"] * 2**20 <= 8 * r["trainable_params"] + 4096
+        assert r["peak_mib"] == pytest.approx(r["model_mib"] + r["teacher_mib"] + r["optimizer_mib"] + r["step_peak_mib"])
+        assert r["seconds_per_step"] > 0 and rows[r["arm"], 1]["seconds_per_step"] is None
+    assert rows["full", 2]["step_peak_mib"] > rows["full", 1]["step_peak_mib"]
+    projected = {(p["model"], p["arm"]): p for p in report["projected"]}
+    assert projected["7B", "full"]["total_params"] == projected["7B", "full"]["trainable_params"] == 6_738_415_616
+    assert projected["7B", "lora r4"]["trainable_params"] == 4 * 69_888 * 32
+    assert projected["70B", "lora r4"]["projected_gib"] < projected["70B", "full"]["projected_gib"]
+    assert "| gguf_q4_0 | lora r4 | 2 × 16 |" in (tmp_path / "out" / "bench_lora.md").read_text()
+
+
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory, hf_base) -> tuple[Path, subprocess.CompletedProcess]:
     """quest W4A4 in float64 on one process: the reference of DDP below."""
@@ -425,7 +546,7 @@ def lora_run(tmp_path_factory, hf_base) -> tuple[Path, subprocess.CompletedProce
 def test_a_run_saves_its_adapters_and_base_and_deploys_its_training_forward(lora_run, hf_base):
     run_dir, proc = lora_run
     r = _results(run_dir)
-    assert r["status"] == "completed" and r["step"] == 4 and "lora: rank 16, alpha 32 (scale 2) on 10 layers" in proc.stdout
+    assert r["status"] == "completed" and r["step"] == 4 and "lora: rank 16, alpha 32 (scale 2), lr 0.003 on 10 layers" in proc.stdout
     assert r["lora_base"] == model_identity(hf_base)
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["lora_base"] == r["lora_base"] and ckpt["config"]["lora"]["name"] == "lora"
@@ -500,8 +621,9 @@ def test_ddp_matches_one_process(lora_run, hf_base, tmp_path):
 @pytest.mark.slow
 def test_fsdp_matches_ddp_with_q4_1(hf_base, tmp_path):
     # Lightning's FSDP refuses float64: float32 on the same two ranks, within 1e-4.
-    _run(tmp_path / "ddp", hf_base, "quant=gguf_q4_1", "trainer=ddp_cpu")
-    _run(tmp_path / "fsdp", hf_base, "quant=gguf_q4_1", "trainer=fsdp_cpu")
+    # With distill=kd: DDP's teacher computes with the student's frozen base, FSDP's is a copy.
+    _run(tmp_path / "ddp", hf_base, "quant=gguf_q4_1", "distill=kd", "trainer=ddp_cpu")
+    _run(tmp_path / "fsdp", hf_base, "quant=gguf_q4_1", "distill=kd", "trainer=fsdp_cpu")
     ddp, fsdp = _results(tmp_path / "ddp"), _results(tmp_path / "fsdp")
     assert fsdp["tokens"] == ddp["tokens"] and abs(fsdp["val_loss"] - ddp["val_loss"]) < 1e-4, (fsdp["val_loss"], ddp["val_loss"])
     assert _max_difference(_adapters(tmp_path / "ddp"), _adapters(tmp_path / "fsdp")) < 1e-4  # FSDP gathers, then keeps adapters only

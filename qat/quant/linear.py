@@ -25,7 +25,7 @@ from torch import nn
 
 from qat.quant.config import QuantizerConfig
 from qat.quant.hadamard import hadamard_transform
-from qat.quant.low_rank import LowRankDelta
+from qat.quant.low_rank import LowRankDelta, recomputed_weight_linear
 from qat.quant.quantizer import Quantizer
 
 ConfigLike = QuantizerConfig | Mapping[str, Any] | None
@@ -68,7 +68,22 @@ class QuantLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fold_input_rotation and self._can_fold() and self._caching():
             return F.linear(x, self._cached_weight(folded=True), self.bias)
-        return F.linear(self.input_quantizer(x), self.quantized_weight(), self.bias)
+        x = self.input_quantizer(x)
+        if self._recompute_weight():
+            trained = [p for p in (self.weight, *self.lora.parameters(), *self.weight_quantizer.parameters()) if p.requires_grad]
+            return recomputed_weight_linear(x, self._merged_quantized_weight, self.bias, trained)
+        return F.linear(x, self.quantized_weight(), self.bias)
+
+    def _merged_quantized_weight(self) -> torch.Tensor:
+        return self.weight_quantizer(self.latent_weight())
+
+    def _recompute_weight(self) -> bool:
+        """A LoRA layer in a training step: the backward recomputes the quantized merged weight
+        rather than keep it (qat/quant/low_rank.py). Not under torch.compile (its backward calls
+        autograd.grad, which a compiled graph does not trace) nor with adapter dropout (a recompute
+        would draw another mask)."""
+        lora = self.lora
+        return lora is not None and torch.is_grad_enabled() and not torch.compiler.is_compiling() and not (self.training and lora.dropout > 0)
 
     def quantized_weight(self) -> torch.Tensor:
         """The fake-quantized weight in the rotated basis. Cached in eval without autograd, keyed

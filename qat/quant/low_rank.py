@@ -52,3 +52,43 @@ class LowRankDelta(nn.Module):
             b = b * keep.to(b.dtype) / (1 - self.dropout)
         with torch.autocast(weight.device.type, enabled=False):
             return weight + self.scale * (b @ self.a)
+
+
+class _RecomputedWeightLinear(torch.autograd.Function):
+    """x @ weight_fn()^T + bias whose backward recomputes weight_fn() (the quantized merged weight)
+    instead of keeping it from the forward, and pushes the weight's gradient into `trained` (A,
+    B, learned scales) through weight_fn's own graph, so through the quantizer's estimator.
+
+    Autograd's F.linear keeps the weight for the input's gradient, and the quantizer keeps its
+    temporaries: together more than a weight-sized tensor per layer, alive from the forward to the
+    backward; with a frozen base that is most of what a LoRA step holds besides the base (in fp32,
+    4 bytes per weight: 27 GB for a 7B). This keeps only x, at the cost of quantizing each
+    weight twice. weight_fn must be deterministic (no dropout draw); autocast is re-entered as
+    the forward had it."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight_fn, bias: torch.Tensor | None, *trained: torch.Tensor) -> torch.Tensor:
+        device = x.device.type
+        ctx.weight_fn, ctx.trained = weight_fn, trained
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        ctx.save_for_backward(x)
+        with torch.no_grad():
+            return torch.nn.functional.linear(x, weight_fn(), bias)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        device, autocast, dtype = ctx.autocast
+        with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=autocast):
+            weight = ctx.weight_fn()
+            grad_x = grad_out.matmul(weight.to(grad_out.dtype)) if ctx.needs_input_grad[0] else None
+            grad_weight = grad_out.flatten(0, -2).t().matmul(x.flatten(0, -2).to(grad_out.dtype)).to(weight.dtype)
+            trained = [t for t, needed in zip(ctx.trained, ctx.needs_input_grad[3:]) if needed]
+            found = iter(torch.autograd.grad(weight, trained, grad_weight, allow_unused=True) if trained else ())
+        grad_bias = grad_out.flatten(0, -2).sum(0) if ctx.needs_input_grad[2] else None
+        return (grad_x, None, grad_bias, *(next(found) if needed else None for needed in ctx.needs_input_grad[3:]))
+
+
+def recomputed_weight_linear(x: torch.Tensor, weight_fn, bias: torch.Tensor | None, trained: list[torch.Tensor]) -> torch.Tensor:
+    """F.linear(x, weight_fn(), bias), keeping only x for the backward (`_RecomputedWeightLinear`)."""
+    return _RecomputedWeightLinear.apply(x, weight_fn, bias, *trained)

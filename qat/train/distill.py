@@ -13,7 +13,9 @@ student's own starting point); `distill.teacher=DIR` names another save_pretrain
 the same vocabulary and tokenizer. It is frozen, in eval mode, without gradients, in
 `distill.teacher_dtype`. It is never a submodule of the trained module: it is not in the
 optimizer, the state dict or a checkpoint, and FSDP does not shard it (every rank holds the whole
-teacher, as DDP does). A checkpoint records the teacher's identity (its path and a SHA-256 of its
+teacher, as DDP does). A LoRA run whose base is the teacher (the default: both are
+`model.path`) holds no second copy: the teacher runs on the student's frozen base tensors (except
+under FSDP, which shards them, and with another `teacher_dtype`). A checkpoint records the teacher's identity (its path and a SHA-256 of its
 config and weight files, qat/train/identity.py); resuming against another teacher is refused,
 naming both.
 """
@@ -21,6 +23,7 @@ naming both.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,20 +83,59 @@ class DistillConfig:
         return cls(**values)
 
 
+# Positions per chunk of the loss: bounds its temporaries to a few [chunk, V] tensors (at a
+# 49k vocabulary, 1,024 positions are 200 MB each in fp32) instead of [B * T, V] ones.
+KD_CHUNK = 1024
+
+
+def _kl_rows(student: torch.Tensor, teacher: torch.Tensor, temperature: float, dtype: torch.dtype) -> torch.Tensor:
+    log_q = torch.log_softmax(student.to(dtype) / temperature, dim=-1)
+    log_p = torch.log_softmax(teacher.to(dtype) / temperature, dim=-1)
+    return kl_from_log_probs(log_p, log_q)
+
+
+class _TokenKL(torch.autograd.Function):
+    """KL(softmax(t / T) || softmax(s / T)) per position, for logits [N, V], with the closed-form
+    backward d/ds = (softmax(s / T) - softmax(t / T)) / T. Autograd's own backward keeps five
+    [N, V] tensors alive from the forward to the backward (log q, p, log p - log q, the mask,
+    the product); this keeps none beyond the two logit tensors the caller holds anyway, and
+    computes chunk by chunk."""
+
+    @staticmethod
+    def forward(ctx: Any, student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+        dtype = torch.promote_types(student.dtype, torch.float32)
+        ctx.save_for_backward(student, teacher)
+        ctx.temperature, ctx.dtype = temperature, dtype
+        return torch.cat([_kl_rows(s, t, temperature, dtype) for s, t in zip(student.split(KD_CHUNK), teacher.split(KD_CHUNK))])
+
+    @staticmethod
+    def backward(ctx: Any, grad_kl: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        student, teacher = ctx.saved_tensors
+        t, dtype = ctx.temperature, ctx.dtype
+        grad = torch.empty_like(student)
+        for start in range(0, len(student), KD_CHUNK):
+            rows = slice(start, start + KD_CHUNK)
+            q_minus_p = torch.softmax(student[rows].to(dtype) / t, dim=-1) - torch.softmax(teacher[rows].to(dtype) / t, dim=-1)
+            grad[rows] = q_minus_p * (grad_kl[rows].to(dtype) / t).unsqueeze(-1)
+        return grad, None, None
+
+
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """T^2 * mean over positions of KL(softmax(teacher / T) || softmax(student / T)) over the
     last dim, in float32 at least (float64 stays float64); exactly 0 when the logits are equal."""
-    dtype = torch.promote_types(student.dtype, torch.float32)
-    log_q = torch.log_softmax(student.to(dtype) / temperature, dim=-1)
-    log_p = torch.log_softmax(teacher.detach().to(dtype) / temperature, dim=-1)
-    return kl_from_log_probs(log_p, log_q).mean() * temperature**2
+    vocab = student.shape[-1]
+    per_position = _TokenKL.apply(student.reshape(-1, vocab), teacher.detach().reshape(-1, vocab), float(temperature))
+    return per_position.mean() * temperature**2
 
 
 def distill_loss(student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor, cfg: DistillConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, kd, ce): student / teacher logits [B, T, V], targets [B, T]."""
     kd = kd_loss(student, teacher, cfg.temperature)
-    ce = F.cross_entropy(student.to(torch.promote_types(student.dtype, torch.float32)).flatten(0, 1), targets.flatten())
-    return (1 - cfg.ce_weight) * kd + cfg.ce_weight * ce, kd, ce
+    # Without a cross-entropy share, cross-entropy is only logged: outside the graph, so that its
+    # log-softmax over [B, T, V] is not kept for a backward that multiplies it by 0.
+    with torch.set_grad_enabled(torch.is_grad_enabled() and cfg.ce_weight > 0):
+        ce = F.cross_entropy(student.to(torch.promote_types(student.dtype, torch.float32)).flatten(0, 1), targets.flatten())
+    return ((1 - cfg.ce_weight) * kd + cfg.ce_weight * ce if cfg.ce_weight > 0 else kd), kd, ce
 
 
 # ----------------------------------------------------------------- the teacher
@@ -159,16 +201,56 @@ def load_teacher(directory: Path, vocab_size: int, dtype: str) -> nn.Module:
     return teacher
 
 
+def teacher_skeleton(directory: Path, vocab_size: int) -> nn.Module:
+    """The teacher's structure on the meta device, no weights: for a teacher that computes with
+    the student's own frozen tensors (`Teacher(..., student=...)`)."""
+    from qat.hf.load import check_checkpoint
+    from qat.models.llama import Llama
+
+    with torch.device("meta"):
+        skeleton = Llama(check_checkpoint(str(directory), vocab_size=vocab_size)[0])
+    return skeleton.eval().requires_grad_(False)
+
+
+def student_weights(student: nn.Module) -> dict[str, torch.Tensor]:
+    """The student's parameters and buffers by plain-model name (wrappers' prefixes removed)."""
+    from qat.train.lifecycle import plain_name
+
+    named = itertools.chain(student.named_parameters(remove_duplicate=False), student.named_buffers())
+    return {plain_name(n): t for n, t in named}
+
+
+def shares_weights(skeleton: nn.Module, student: nn.Module) -> bool:
+    """Whether every teacher parameter is a frozen student tensor of the same name, shape and
+    dtype: what a LoRA student of the teacher's own weights holds (its base is frozen as loaded)."""
+    own = student_weights(student)
+    return all(
+        n in own and own[n].shape == p.shape and own[n].dtype == p.dtype and not own[n].requires_grad
+        for n, p in skeleton.named_parameters(remove_duplicate=False)
+    )
+
+
 class Teacher:
     """The teacher beside the trained module: a plain object, so that Lightning, the optimizer,
     FSDP and the checkpoint never see it as a submodule. `logits` moves it to the batch's device
-    on first use."""
+    on first use.
 
-    def __init__(self, net: nn.Module, cfg: DistillConfig, identity: dict[str, str]) -> None:
-        self.net, self.cfg, self.identity = net, cfg, identity
+    With `student`, the teacher holds no weights: `net` is a meta-device skeleton, run on the
+    student's frozen tensors of the same names (torch.func.functional_call), wherever they
+    live now. That is a LoRA run whose base is the teacher: the base is the teacher's weights,
+    frozen, so a second copy would only cost memory (a whole model: 27 GB for a 7B in fp32)."""
+
+    def __init__(self, net: nn.Module, cfg: DistillConfig, identity: dict[str, str], student: nn.Module | None = None) -> None:
+        self.net, self.cfg, self.identity, self.student = net, cfg, identity, student
+        if student is not None and not shares_weights(net, student):
+            raise ValueError("the teacher cannot share the student's weights: a teacher tensor is missing, trained or of another shape or dtype")
 
     @torch.no_grad()
     def logits(self, idx: torch.Tensor) -> torch.Tensor:
+        if self.student is not None:
+            own = student_weights(self.student)
+            weights = {n: own[n] for n, _ in self.net.named_parameters()}
+            return torch.func.functional_call(self.net, weights, (idx,))
         if next(self.net.parameters()).device != idx.device:
             self.net.to(idx.device)
         return self.net(idx)

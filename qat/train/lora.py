@@ -49,6 +49,7 @@ class LoraConfig:
     alpha: float | None = None  # null: 2 * rank (a scale alpha / rank of 2 at any rank)
     dropout: float = 0.0  # drops whole rank components in training (qat/quant/low_rank.py)
     target: tuple[str, ...] = ("*",)  # globs over QuantLinear names; "*" is every block linear
+    lr: float | None = None  # the run's peak LR, replacing optimizer.lr; null: optimizer.lr
 
     def __post_init__(self) -> None:
         if self.name not in METHODS:
@@ -65,9 +66,12 @@ class LoraConfig:
         if not isinstance(target, Sequence) or not target or not all(isinstance(t, str) and t for t in target):
             raise ValueError(f"lora.target={self.target!r} must be a glob or a non-empty list of globs over layer names, e.g. ['layers.*.attn.*']")
         object.__setattr__(self, "target", tuple(target))
+        lr = self.lr
+        if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0):
+            raise ValueError(f"lora.lr={lr!r} must be a number > 0, or null for optimizer.lr")
         defaults = tuple(f.default for f in dataclasses.fields(self) if f.name != "name")
-        if self.name == "none" and (self.rank, self.alpha, self.dropout, self.target) != defaults:
-            raise ValueError("lora.rank / alpha / dropout / target are ignored with lora=none; add lora=default")
+        if self.name == "none" and (self.rank, self.alpha, self.dropout, self.target, self.lr) != defaults:
+            raise ValueError("lora.rank / alpha / dropout / target / lr are ignored with lora=none; add lora=default")
 
     @property
     def enabled(self) -> bool:
@@ -176,7 +180,7 @@ def lora_summary(net: nn.Module, cfg: LoraConfig, layers: Sequence[str], base: M
     trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
     total = sum(p.numel() for p in net.parameters())
     return (
-        f"lora: rank {cfg.rank}, alpha {cfg.resolved_alpha:g} (scale {cfg.scale:g}) on {len(layers)} layers; "
+        f"lora: rank {cfg.rank}, alpha {cfg.resolved_alpha:g} (scale {cfg.scale:g}){f', lr {cfg.lr:g}' if cfg.lr is not None else ''} on {len(layers)} layers; "
         f"{trainable:,} of {total:,} parameters train ({100 * trainable / max(total, 1):.2f}%), the base is frozen: "
         f"{base['path']} (sha256 {base['sha256'][:12]})"
     )
