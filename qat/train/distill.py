@@ -244,13 +244,14 @@ class Teacher:
         self.net, self.cfg, self.identity, self.student = net, cfg, identity, student
         if student is not None and not shares_weights(net, student):
             raise ValueError("the teacher cannot share the student's weights: a teacher tensor is missing, trained or of another shape or dtype")
+        # Looked up once: moving the student (.to) keeps its Parameter objects and swaps their data.
+        own = student_weights(student) if student is not None else {}
+        self._shared = {n: own[n] for n, _ in net.named_parameters()} if student is not None else None
 
     @torch.no_grad()
     def logits(self, idx: torch.Tensor) -> torch.Tensor:
-        if self.student is not None:
-            own = student_weights(self.student)
-            weights = {n: own[n] for n, _ in self.net.named_parameters()}
-            return torch.func.functional_call(self.net, weights, (idx,))
+        if self._shared is not None:
+            return torch.func.functional_call(self.net, self._shared, (idx,))
         if next(self.net.parameters()).device != idx.device:
             self.net.to(idx.device)
         return self.net(idx)
