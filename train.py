@@ -33,6 +33,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from qat.models.llama import flops_per_token
+from qat.quant.linear import set_held_scales
 from qat.quant.rules import rules_dirname
 from qat.train.checkpoint import (
     CHECKPOINT_DIR,
@@ -164,6 +165,7 @@ def build(cfg: DictConfig, run_dir: Path, multirun: bool, overrides: Sequence[st
     init = None
     if run.init_from and (resume_from is None or lora.enabled):  # a resumed run holds its weights; a LoRA run's base is init_from's
         init = load_initial_weights(net, run.init_from)
+    set_held_scales(net)  # stored weight scales not in init_from: fitted to the weights now, before any wrapper
     adapted = add_adapters(net, lora) if lora.enabled else []  # after the base's weights: they are frozen as loaded
     if local_rank() == 0:
         print("\n".join(quantization_summary(net)))

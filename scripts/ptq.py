@@ -33,6 +33,7 @@ from omegaconf import OmegaConf
 
 from qat.ptq.calibration import gptq_model, gptq_problem
 from qat.train.checkpoint import checkpoint_file, load_initial_weights, read_checkpoint, write_model_checkpoint
+from qat.quant.linear import set_held_scales
 from qat.train.lifecycle import build_datamodule, build_net, check_model, quantization_summary
 from qat.train.run_config import ConfigError, config_errors, override_key, quantizer_configs
 
@@ -115,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     net = build_net(omega, tokenizer.vocab_size)
     if args.ckpt is not None:
         load_initial_weights(net, args.ckpt)
+    set_held_scales(net)  # scale_update frozen / learned: the weights' own fit (GPTQ rounds with it and keeps it)
     print("\n".join(quantization_summary(net)))
     record: dict = {"method": args.method, "source": str(Path(args.model or args.ckpt).resolve())}
     if args.method == "gptq":

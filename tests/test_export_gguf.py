@@ -12,6 +12,7 @@ llama.cpp itself (greedy tokens).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -36,6 +37,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from qat.packed.gguf_export import export_gguf  # noqa: E402
 from qat.packed.gguf_tensors import rope_freq_factors  # noqa: E402
 from qat.packed.gguf_tokenizer import BYTE_SENTINEL_MERGE, converted_tokenizer, gguf_field  # noqa: E402
+from qat.quant.quantizer import fake_quantize  # noqa: E402
 from qat.train.checkpoint import load_trained, write_model_checkpoint  # noqa: E402
 from qat.train.lifecycle import build_net  # noqa: E402
 
@@ -440,21 +442,29 @@ def test_command_line_after_a_real_training_run(trained, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("preset", ["gguf_q4_0", "gguf_q4_1"])
-def test_ste_trains_and_exports_bit_exact(preset, tmp_path):
-    """Both estimators work with the GGUF presets: 10 steps with STE move the weights (the loss
-    falls) and the export still decodes to training's weights bit for bit."""
+@pytest.mark.parametrize(
+    "preset, key, value",
+    [("gguf_q4_0", "estimator", "ste"), ("gguf_q4_1", "estimator", "ste"), ("gguf_q4_0", "scale_update", "learned")],
+)
+def test_other_estimators_and_learned_scales_train_and_export_bit_exact(preset, key, value, tmp_path):
+    """STE with both presets, and Q4_0 with learned per-group scales (range learning): 10 steps
+    move the weights (the loss falls) and the export still decodes to training's weights bit
+    for bit, so it writes the scale training used, not a refit of the weight."""
     from conftest import run_train
 
-    run_train(tmp_path / "run", "model=debug-xs", f"quant={preset}", "quant.weight.estimator=ste", "trainer.max_steps=10",
+    run_train(tmp_path / "run", "model=debug-xs", f"quant={preset}", f"quant.weight.{key}={value}", "trainer.max_steps=10",
               "trainer.val_check_interval=10", "checkpoint.every_n_steps=10")
     result = json.loads((tmp_path / "run" / "results.json").read_text())
     assert result["status"] == "completed" and result["val_loss"] < math.log(257)
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     kind = "Q4_1" if preset == "gguf_q4_1" else "Q4_0"
-    assert export_gguf(ckpt, tmp_path / "ste.gguf")[kind] == 7
-    file, net = read(tmp_path / "ste.gguf"), load_trained(ckpt).net
-    assert net.layers[0].mlp.up.weight_quantizer.cfg.estimator == "ste"
+    assert export_gguf(ckpt, tmp_path / "trained.gguf")[kind] == 7
+    file, net = read(tmp_path / "trained.gguf"), load_trained(ckpt).net
+    quantizer = net.layers[0].mlp.up.weight_quantizer
+    assert getattr(quantizer.cfg, key) == value
+    if value == "learned":  # the scales moved off the weights' absmax fit, and the export wrote them
+        refit = fake_quantize(net.layers[0].mlp.up.weight.detach(), dataclasses.replace(quantizer.cfg, scale_update="refit"), quantizer.grid)
+        assert not torch.equal(refit.scale.reshape(quantizer.scale.shape), quantizer.scale.detach())
     for name, trained in trained_weights(net).items():
         assert np.array_equal(decoded(file, name).view(np.uint32), trained.view(np.uint32)), name
 

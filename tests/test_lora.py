@@ -87,7 +87,7 @@ def lora_model(preset: str, dtype: torch.dtype = torch.float64) -> tuple[torch.n
 
 def codes(layer: QuantLinear, weight: torch.Tensor) -> torch.Tensor:
     q = layer.weight_quantizer
-    return fake_quantize(weight.detach(), q.cfg, q.grid, q.learned_scale(weight)).codes
+    return fake_quantize(weight.detach(), q.cfg, q.grid, q.held_scale(weight)).codes
 
 
 # ---------------------------------------------------------------- config: one line, before any work

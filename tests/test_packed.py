@@ -73,6 +73,8 @@ EXTRA = [
     _case(3, "int", True, True, False, id="w3-absmax-a-mse_search", weight={"scale": "absmax"}, activation={"scale": "mse_search"}),
     _case(4, "int", True, False, False, id="lsq", weight={"scale": "lsq", "estimator": "lsq"}, activation={"scale": "lsq", "estimator": "lsq"}),
     _case(2, "int_zero", True, False, False, id="pact-a", activation={"scale": "lsq", "estimator": "pact"}),
+    _case(4, "int_zero", False, False, False, id="w4-frozen-scale-group32", weight={"granularity": 32, "scale": "absmax", "scale_update": "frozen"}),
+    _case(4, "int", True, True, False, id="w4a4-learned-scale-row", weight={"scale_update": "learned"}),
     _case(16, "int", True, True, False, id="w16-a4", activation={"bits": 4}),
     _case(16, "int", False, False, False, id="bf16-all-16-bit"),
     _case(4, "int", True, True, False, id="hadamard-block32", weight={"hadamard_block": 32}, activation={"hadamard_block": 32}),
@@ -93,9 +95,9 @@ def build_fake_quant(weight: dict, activation: dict, seed: int = 0, dtype=torch.
     net = net.to(dtype).eval()
     with torch.no_grad():
         net(torch.randint(0, vocab_size, (2, 16)))  # the first batch initialises LSQ / PACT scales
-        for name, p in net.named_parameters():
+        for name, p in itertools.chain(net.named_parameters(), net.named_buffers()):
             if name.endswith("quantizer.scale"):
-                p.mul_(1.1)  # and move them off their init too
+                p.mul_(1.1)  # and move them (learned, or a stored weight scale) off their init too
     return net
 
 
@@ -111,8 +113,7 @@ def quantized_layers(net) -> dict[str, QuantLinear]:
 def reference_codes(layer: QuantLinear) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The codes training's weight quantizer produces (kept ones under 2:4) and the positions."""
     wq = layer.weight_quantizer
-    learned = wq.learned_scale(layer.weight) if wq.cfg.learnable_scale else None
-    codes = fake_quantize(layer.weight.detach(), wq.cfg, wq.grid, learned).codes
+    codes = fake_quantize(layer.weight.detach(), wq.cfg, wq.grid, wq.held_scale(layer.weight)).codes
     if wq.cfg.sparsity != "2:4":
         return codes, None
     keep = two_of_four_mask(rotate(layer.weight.detach(), wq.cfg))
@@ -156,7 +157,7 @@ def rounding_position(x: torch.Tensor, layer: QuantLinear) -> torch.Tensor:
     """Where each input lands on its uniform grid: code = floor(position), so a position
     within e of an integer is within e (in grid steps) of a rounding boundary."""
     q = layer.input_quantizer
-    out = fake_quantize(x, q.cfg, q.grid, q.learned_scale(x))
+    out = fake_quantize(x, q.cfg, q.grid, q.held_scale(x))
     xg = grouped(rotate(x, q.cfg), q.cfg.granularity)
     c = q.grid.center
     return ((xg / out.scale).clamp(-1, 1) * c + (c + 0.5)).reshape(x.shape)

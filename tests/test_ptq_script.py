@@ -72,6 +72,19 @@ def test_rtn_gptq_evaluate_export_and_qat_from_gptq(hf_dir, tmp_path):
     assert saved["config"]["quant"]["activation"]["bits"] == 16 and saved["config"]["model"]["path"] == str(hf_dir)
 
 
+def test_gptq_with_frozen_scales_keeps_every_code(hf_dir, tmp_path):
+    """quant.weight.scale_update=frozen: GPTQ rounds with the stored scale and keeps it, so the
+    forward reproduces every code it chose (refitted, a few per cent differ)."""
+    import torch
+
+    proc = run("scripts/ptq.py", "--model", str(hf_dir), "--method", "gptq", "--calibration-batches", "2", "--out", "kept.ckpt",
+               *ROTATED, *DATA, "quant.weight.scale_update=frozen", cwd=tmp_path)  # fmt: skip
+    assert "codes the forward reproduces: >= 100.00% per layer" in proc.stdout
+    saved = torch.load(tmp_path / "kept.ckpt", weights_only=True)
+    assert all(r["code_agreement"] == 1.0 for r in saved["ptq"]["layers"].values())
+    assert sum(k.endswith("weight_quantizer.scale") for k in saved["state_dict"]) == 2 * 5
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

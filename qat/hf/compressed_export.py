@@ -88,7 +88,7 @@ def codes_and_steps(net: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
     codes, steps = {}, {}
     for name, layer in block_linears(net).items():
         q = layer.weight_quantizer
-        quantized = fake_quantize(layer.weight.detach(), q.cfg, q.grid)
+        quantized = fake_quantize(layer.weight.detach(), q.cfg, q.grid, q.scale_to_export(layer.weight.detach(), name))
         center = q.grid.center
         codes[name] = (quantized.codes - int(center)).to(torch.int8)
         steps[name] = (quantized.scale.reshape(layer.weight.shape[0], -1) / center).float()

@@ -30,27 +30,18 @@ from qat.hf.convert import hf_state_dict
 from qat.hf.tokenizer import GENERATION_CONFIG, write_tokenizer
 from qat.quant.hadamard import hadamard_transform
 from qat.quant.linear import QuantLinear
-from qat.quant.quantizer import Quantizer, fake_quantize
+from qat.quant.quantizer import fake_quantize
 
 WEIGHT_CHOICES = ("latent", "quantized")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 METADATA_KEY = "qat_quantization"
 
 
-def _learned_scale(quantizer: Quantizer, where: str) -> torch.Tensor | None:
-    """The LSQ/PACT scale training's forward reads; an uninitialised one cannot be known here."""
-    if not quantizer.cfg.learnable_scale:
-        return None
-    if not bool(quantizer.scale_initialized):
-        raise ValueError(f"{where}: the learned weight scale was never initialised; train at least one step before exporting")
-    return quantizer.learned_scale(torch.empty(0)).detach()
-
-
 @torch.no_grad()
 def quantized_weight(name: str, layer: QuantLinear) -> torch.Tensor:
     """Q(W H) H^T: the weight a 16-bit input meets, in the unrotated basis (W's shape and dtype)."""
     q = layer.weight_quantizer
-    value = fake_quantize(layer.weight.detach(), q.cfg, q.grid, _learned_scale(q, name)).value
+    value = fake_quantize(layer.weight.detach(), q.cfg, q.grid, q.scale_to_export(layer.weight.detach(), name)).value
     if q.cfg.rotation == "hadamard":
         # Back to the unrotated basis by H^T (= H^-1 for orthonormal H): a Paley block
         # (e.g. H_344 ⊗ H_32 for 11008) is not symmetric, so H itself would be wrong there.

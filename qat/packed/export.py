@@ -37,21 +37,8 @@ from qat.packed.format import (
 )
 from qat.packed.packing import pack_codes
 from qat.quant.linear import QuantLinear
-from qat.quant.quantizer import Quantizer, fake_quantize, rotate
+from qat.quant.quantizer import fake_quantize, rotate
 from qat.quant.sparsity import two_of_four_mask
-
-
-def _learned_scale(quantizer: Quantizer, where: str) -> torch.Tensor | None:
-    """The learned LSQ/PACT scale as training's forward reads it, or None.
-
-    An uninitialised one would be set from the first batch the model sees; export cannot
-    know that batch, so it refuses rather than guess.
-    """
-    if not quantizer.cfg.learnable_scale:
-        return None
-    if not bool(quantizer.scale_initialized):
-        raise ValueError(f"{where}: the learned scale was never initialised; run the model on data once before exporting")
-    return quantizer.learned_scale(torch.empty(0)).detach()  # initialised: reads the parameter only
 
 
 @torch.no_grad()
@@ -63,7 +50,7 @@ def encode_layer(name: str, layer: QuantLinear) -> dict[str, torch.Tensor]:
     if wq.cfg.enabled:
         if wq.cfg.asymmetric:
             raise ValueError(f"layer {name}: weight asymmetric=true (an offset grid) is not in the packed format; export it with scripts/export_gguf.py (Q4_1) or scripts/export_hf.py")
-        q = fake_quantize(weight, wq.cfg, wq.grid, _learned_scale(wq, f"{name} weight"))
+        q = fake_quantize(weight, wq.cfg, wq.grid, wq.scale_to_export(weight, f"{name} weight"))
         codes = q.codes
         if wq.cfg.sparsity == "2:4":
             # The same mask fake_quantize applied: recomputed from the same rotated weight.
@@ -79,7 +66,7 @@ def encode_layer(name: str, layer: QuantLinear) -> dict[str, torch.Tensor]:
         out["bias"] = layer.bias.detach()
     if aq.cfg.enabled and not aq.grid.uniform:
         out[INPUT_LEVELS] = levels_tensor(aq.grid)
-    input_scale = _learned_scale(aq, f"{name} activation")
+    input_scale = aq.scale_to_export(torch.empty(0), f"{name} activation") if aq.cfg.learnable_scale else None
     if input_scale is not None:
         out[INPUT_SCALE] = input_scale
     return {k: v.cpu().contiguous() for k, v in out.items()}

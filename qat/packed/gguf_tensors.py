@@ -134,7 +134,7 @@ def linear_tensor(gguf: Any, name: str, layer: nn.Module) -> Tensor:
     if not isinstance(layer, QuantLinear) or not layer.weight_quantizer.cfg.enabled:
         return Tensor(weight.float().numpy(), gguf.GGMLQuantizationType.F32)  # the forward multiplies it as is
     wq = layer.weight_quantizer
-    q = fake_quantize(weight, wq.cfg, wq.grid)
+    q = fake_quantize(weight, wq.cfg, wq.grid, wq.scale_to_export(weight, f"layer {name}"))
     if not torch.isfinite(q.value).all():
         raise ValueError(f"layer {name}: training's quantized weight has non-finite entries (a group whose float16 step is 0 or inf)")
     qtype = block_type(gguf, wq.cfg)

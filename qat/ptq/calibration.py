@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from qat.quant.gptq import gptq, gptq_unsupported_reason
+from qat.quant.gptq import GPTQResult, gptq, gptq_unsupported_reason
 from qat.quant.hadamard import hadamard_transform
 from qat.quant.linear import QuantLinear
 from qat.quant.quantizer import fake_quantize, rotate
@@ -55,6 +55,21 @@ def _relative_output_error(hessian: torch.Tensor, reference: torch.Tensor, quant
     """E||x'(Wq - W)^T||^2 / E||x'W^T||^2 from the Hessian alone (rotated basis, fp64)."""
     diff = quantized.double() - reference.double()
     return float(torch.einsum("nk,kl,nl->", diff, hessian, diff) / torch.einsum("nk,kl,nl->", reference.double(), hessian, reference.double()))
+
+
+@torch.no_grad()
+def pin_codes(layer: QuantLinear, result: GPTQResult, rounds: int = 8) -> None:
+    """With a stored scale, make the forward's codes GPTQ's exactly. The latent is stored in the
+    weight's dtype (and unrotated), so a value on a rounding boundary may round the other way;
+    such entries take the level GPTQ chose, which rounds to its own code. Setting them moves the
+    others by a float rounding, so repeat until none differs."""
+    for _ in range(rounds):
+        wrong = layer.weight_quantizer.quantize(layer.weight.detach()).codes != result.codes
+        if not wrong.any():
+            return
+        rotated = rotate(layer.weight.detach().to(torch.float64), layer.weight_quantizer.cfg)
+        rotated[wrong] = result.quantized.to(torch.float64)[wrong]
+        layer.weight.copy_(unrotate(rotated, layer).to(layer.weight.dtype))
 
 
 def gptq_problem(net: nn.Module) -> str | None:
@@ -105,10 +120,14 @@ def gptq_model(
             hessian = hooks[name].hessian()
             rotated = rotate(layer.weight.detach().to(torch.float64), cfg)
             rtn = fake_quantize(layer.weight.detach().to(torch.float64), cfg, grid).value  # rotates itself
-            result = gptq(rotated, hessian, cfg, grid, block=block, damp=damp)
+            held = layer.weight_quantizer.held_scale(layer.weight.detach())  # None: refitted in every forward
+            fixed = None if held is None else held.detach().reshape(held.shape[0], -1)
+            result = gptq(rotated, hessian, cfg, grid, block=block, damp=damp, scale=fixed)
             layer.weight.copy_(unrotate(result.latent, layer).to(layer.weight.dtype))
-            # What the forward now computes from the stored latent (its own scale fit, dtype).
-            now = fake_quantize(layer.weight.detach(), cfg, grid)
+            if held is not None:
+                pin_codes(layer, result)
+            # What the forward now computes from the stored latent (its own scale, dtype).
+            now = layer.weight_quantizer.quantize(layer.weight.detach())
             agreement = float((now.codes == result.codes).double().mean())
             reports.append(
                 LayerReport(

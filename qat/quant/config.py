@@ -27,6 +27,9 @@ ROTATIONS = ("none", "hadamard")
 SPARSITIES = ("none", "2:4")
 BACKENDS = ("auto", "torch", "triton")
 SCALE_DTYPES = ("float32", "float16")
+# When a weight's scale is fitted: "refit" in every forward; "frozen" once (at the first forward,
+# or by GPTQ), then stored with the weight; "learned" stored and trained (LSQ's step gradient).
+SCALE_UPDATES = ("refit", "frozen", "learned")
 # Estimators whose backward trains the scale; they need a learnable scale and vice versa.
 LEARNABLE_SCALE_ESTIMATORS = ("lsq", "pact")
 # An offset grid (asymmetric=true): the fits that place a centre, the estimators that need no scale gradient.
@@ -73,6 +76,11 @@ class QuantizerConfig:
         fit places them: "rms_mse" centres them on the group mean with half-range c(bits) times
         the centred RMS, "absmax" spans the group's [min, max] (llama.cpp's own Q4_1 rule).
         With scale_dtype float16 both d and m are float16 numbers.
+    scale_update: "refit" (the fit above runs in every forward) | "frozen" (it runs once, on the
+        first forward or in GPTQ, and the per-row / per-group scale is stored with the weight, so a
+        PTQ checkpoint's scales and codes survive into training and export) | "learned" (stored,
+        then trained with LSQ's step gradient: range learning, initialised from the fit). Weights
+        only: a QuantLinear refuses it on its input quantizer.
     """
 
     bits: int | float = 4
@@ -88,6 +96,7 @@ class QuantizerConfig:
     backend: str = "auto"
     scale_dtype: str = "float32"
     asymmetric: bool = False
+    scale_update: str = "refit"
 
     def __post_init__(self) -> None:
         self.bits = parse_bits(self.bits)
@@ -98,6 +107,7 @@ class QuantizerConfig:
         _choice("sparsity", self.sparsity, SPARSITIES)
         _choice("backend", self.backend, BACKENDS)
         _choice("scale_dtype", self.scale_dtype, SCALE_DTYPES)
+        _choice("scale_update", self.scale_update, SCALE_UPDATES)
         if not isinstance(self.asymmetric, bool):
             raise ValueError(f"asymmetric={self.asymmetric!r} is not allowed; use true or false")
         block = self.hadamard_block
@@ -129,6 +139,8 @@ class QuantizerConfig:
             raise ValueError(f"scale_dtype={self.scale_dtype!r} is not allowed with scale='lsq' (a learned scale is not rounded); use 'float32'")
         if self.asymmetric:
             self._check_asymmetric_choices()
+        if self.holds_scale:
+            self._check_held_scale_choices()
         if learnable and gran != "row":
             raise ValueError(f"granularity={gran!r} is not allowed with scale='lsq' (one learnable scale per tensor); use 'row'")
 
@@ -137,6 +149,12 @@ class QuantizerConfig:
                                       ("estimator", self.estimator, ASYMMETRIC_ESTIMATORS), ("sparsity", self.sparsity, ("none",))):
             if value not in allowed:
                 raise ValueError(f"{field}={value!r} is not allowed with asymmetric=true; choose one of {', '.join(map(repr, allowed))}")
+
+    def _check_held_scale_choices(self) -> None:
+        if self.scale == LEARNABLE_SCALE:
+            raise ValueError(f"scale_update={self.scale_update!r} is not allowed with scale='lsq' (one learned scale per tensor already); use a fit: {', '.join(map(repr, SCALE_FITS))}")
+        if self.asymmetric:
+            raise ValueError(f"scale_update={self.scale_update!r} is not allowed with asymmetric=true (a stored offset is not supported); use scale_update='refit'")
 
     def _reject_ignored_fields(self) -> None:
         """One rule: a field that only one choice reads must keep its default under any other
@@ -158,6 +176,11 @@ class QuantizerConfig:
     @property
     def learnable_scale(self) -> bool:
         return self.enabled and self.scale == "lsq"
+
+    @property
+    def holds_scale(self) -> bool:
+        """A per-row / per-group scale stored with the weight (scale_update frozen or learned)."""
+        return self.enabled and self.scale_update != "refit"
 
     def trust_radius(self, grid: Grid) -> float:
         """The trust radius in RMS units (`trust`, or half the outermost grid step)."""

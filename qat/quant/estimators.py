@@ -139,6 +139,25 @@ class PACTFunction(torch.autograd.Function):
         return grad * inside, grad_s, None
 
 
+class LearnedRange(torch.autograd.Function):
+    """A stored per-row / per-group scale that is trained (scale_update="learned", range
+    learning): the value and the input's gradient stay what the estimator made them, and the
+    scale gets LSQ's step gradient d q / d s = (q - x) / s inside the range, q / s outside,
+    times LSQ's gradient scale. The trust, ste and clip estimators give the scale none."""
+
+    @staticmethod
+    def forward(ctx, value: torch.Tensor, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, grad_scale: float):
+        ctx.save_for_backward(x, q, scale)
+        ctx.grad_scale = grad_scale
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, q, s = ctx.saved_tensors
+        dq_ds = (q - torch.where(x.abs() <= s, x, 0.0)) / s
+        return grad, None, None, _reduce_to(grad * dq_ds, s.shape) * ctx.grad_scale, None
+
+
 def lsq_grad_scale(numel_per_scale: int, grid: Grid) -> float:
     """LSQ's 1/sqrt(N * Q_p), with Q_p the number of steps from zero to the clip."""
     q_p = grid.center if grid.uniform else (grid.size - 1) / 2

@@ -27,6 +27,8 @@ def fused_unsupported_reason(cfg: QuantizerConfig) -> str | None:
         return f"scale_dtype={cfg.scale_dtype!r}"
     if cfg.enabled and cfg.asymmetric:
         return "asymmetric=true"
+    if cfg.holds_scale:
+        return f"scale_update={cfg.scale_update!r}"
     return unsupported_config_reason(
         enabled=cfg.enabled, grid=cfg.grid, scale=cfg.scale, estimator=cfg.estimator, granularity=cfg.granularity, sparsity=cfg.sparsity
     )

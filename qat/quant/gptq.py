@@ -12,6 +12,10 @@ it stood when it was rounded), whose round-to-grid at GPTQ's scales gives GPTQ's
 scale the forward fits to W~ differs slightly from the one GPTQ rounded with, so the scale is
 refitted to W~ and GPTQ run again (`refits` times): the forward then reproduces GPTQ's codes
 up to the few that sit on a rounding boundary (`code_agreement` reports the share).
+
+A weight quantizer that stores its scale (scale_update frozen / learned) needs no refit: GPTQ
+rounds with that scale, which is then kept, and the forward reproduces GPTQ's codes exactly
+(qat/ptq/calibration.py pins the few that the float32 latent would round otherwise).
 """
 
 from __future__ import annotations
@@ -93,14 +97,22 @@ def _gptq_pass(w: torch.Tensor, scales: torch.Tensor, hinv: torch.Tensor, grid: 
 
 
 def gptq(
-    weight: torch.Tensor, hessian: torch.Tensor, cfg: QuantizerConfig, grid: Grid, *, block: int = 128, damp: float = 0.01, refits: int = 2
+    weight: torch.Tensor, hessian: torch.Tensor, cfg: QuantizerConfig, grid: Grid, *, block: int = 128, damp: float = 0.01, refits: int = 2,
+    scale: torch.Tensor | None = None,
 ) -> GPTQResult:
-    """GPTQ for the ROTATED weight [N, K] (float64 advised) and its input Hessian [K, K]."""
+    """GPTQ for the ROTATED weight [N, K] (float64 advised) and its input Hessian [K, K].
+    scale: a stored scale to round with ([N, 1] per row, [N, K/g] per group): no refits."""
     if why := gptq_unsupported_reason(cfg):
         raise ValueError(f"GPTQ does not support {why}")
     w = weight.to(torch.float64)
     hinv, dead = inverse_hessian_factor(hessian.to(torch.float64), damp)
     w = w.masked_fill(dead.unsqueeze(0), 0.0)  # an input never seen carries no information
+    if scale is not None:
+        scales = _column_scales(scale.to(torch.float64), cfg, w.shape[1])
+        latent, rounded, codes = _gptq_pass(w, scales, hinv, grid, block)
+        _, forward_codes = round_to_grid(latent, scales, grid)
+        agreement = float((forward_codes == codes).double().mean())
+        return GPTQResult(latent.to(weight.dtype), rounded.to(weight.dtype), codes, agreement)
     latent = w
     for _ in range(refits + 1):  # the first scale from W, then refitted to the compensated latent
         scales = _column_scales(fitted_scale(latent, cfg, grid), cfg, w.shape[1])

@@ -51,6 +51,9 @@ class QuantLinear(nn.Linear):
         self.weight_quantizer = Quantizer(weight_config)
         self.input_quantizer = Quantizer(input_config)
         w, a = self.weight_quantizer.cfg, self.input_quantizer.cfg
+        if a.holds_scale:  # every input is new: there is no scale to keep
+            raise ValueError(f"scale_update={a.scale_update!r} is for weights; an activation's scale is fitted to each input (use scale_update='refit' on the activation side)")
+        self.weight_quantizer.hold_scale((out_features, in_features), device)
         if (w.rotation, w.block_for(in_features)) != (a.rotation, a.block_for(in_features)) and "hadamard" in (w.rotation, a.rotation):
             # One rotated operand alone computes x (W H)^T != x W^T: the layer would silently change.
             raise ValueError(
@@ -140,6 +143,7 @@ class QuantLinear(nn.Linear):
         )
         new.weight = linear.weight
         new.bias = linear.bias
+        new.weight_quantizer.hold_scale((new.out_features, new.in_features), linear.weight.device)  # not on meta
         return new.to(linear.weight.device)  # moves only the quantizers' own state
 
     def to_linear(self) -> nn.Linear:
@@ -150,6 +154,20 @@ class QuantLinear(nn.Linear):
         linear.weight = self.weight
         linear.bias = self.bias
         return linear
+
+
+@torch.no_grad()
+def set_held_scales(net: nn.Module) -> list[str]:
+    """Fit every stored weight scale (scale_update frozen / learned) not yet set to its layer's
+    weight, as the first forward would. train.py calls it once the weights are loaded and before
+    a strategy wraps the model: under FSDP a first forward sees only gathered copies. A resume
+    then overwrites the scales with the checkpoint's. Returns the layers it set."""
+    done = []
+    for name, module in net.named_modules():
+        if isinstance(module, QuantLinear) and module.weight_quantizer.cfg.holds_scale and not bool(module.weight_quantizer.scale_initialized):
+            module.weight_quantizer.held_scale(module.latent_weight())
+            done.append(name)
+    return done
 
 
 def fold_input_rotations(net: nn.Module) -> list[str]:

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from qat.quant.config import QuantizerConfig
-from qat.quant.estimators import ESTIMATORS, EstimatorKnobs, MaskedStraightThrough, Quantized
+from qat.quant.estimators import ESTIMATORS, EstimatorKnobs, LearnedRange, MaskedStraightThrough, Quantized, lsq_grad_scale
 from qat.quant.fused import fused_fake_quantize, fused_unsupported_reason, use_fused
 from qat.quant.grids import Grid, make_grid, round_to_grid
 from qat.quant.hadamard import hadamard_transform
@@ -57,7 +57,9 @@ def fake_quantize(
     [..., 1] per row or [..., K/g, 1] per group).
     with_gradient=False (a forward that takes no gradient, e.g. decoding): the same value,
     bit for bit, without the estimator (grad_mask is None); the trust, ste and clip estimators'
-    forward is the plain rounding. LSQ and PACT always run their estimator.
+    forward is the plain rounding. LSQ and PACT always run their estimator. A stored weight
+    scale (scale_update frozen / learned, Quantizer.held_scale) comes in as `scale` too; a
+    learned one gets LSQ's step gradient whatever the estimator.
     """
     x = rotate(x, cfg)
     keep = two_of_four_mask(x) if cfg.sparsity == "2:4" else None
@@ -75,13 +77,25 @@ def fake_quantize(
         rms = row_rms(xg)
     if scale is None:
         if cfg.learnable_scale:
-            raise ValueError("scale='lsq' is learned: pass the quantizer's scale (Quantizer.learned_scale)")
-        scale = round_scale(SCALE_FITS[cfg.scale](xg.detach(), rms, grid), grid, cfg.scale_dtype)
+            raise ValueError("scale='lsq' is learned: pass the quantizer's scale (Quantizer.held_scale)")
+        scale = fit_scale(xg.detach(), cfg, grid, rms)
+    elif cfg.holds_scale:  # idempotent on a stored float16 step; straight-through for a learned one
+        scale = round_scale(scale, grid, cfg.scale_dtype)
     if rounding_only:
-        qz = Quantized(*round_to_grid(xg.detach(), scale, grid), None)
+        qz = Quantized(*round_to_grid(xg.detach(), scale.detach(), grid), None)
     else:
-        qz = ESTIMATORS[cfg.estimator](xg, scale, trust_unit(cfg, grid, scale, rms), grid, EstimatorKnobs(cfg.trust_radius(grid), cfg.clip_scale))
+        fixed = scale if cfg.learnable_scale else scale.detach()  # only LSQ / PACT train a scale through the estimator
+        qz = ESTIMATORS[cfg.estimator](xg, fixed, trust_unit(cfg, grid, fixed, rms), grid, EstimatorKnobs(cfg.trust_radius(grid), cfg.clip_scale))
+        if cfg.holds_scale and scale.requires_grad:
+            q = qz.value.detach()
+            qz = qz._replace(value=LearnedRange.apply(qz.value, xg.detach(), q, scale, lsq_grad_scale(xg.shape[-1], grid)))
     return _finish(x, xg, qz, keep, scale.detach())
+
+
+def fit_scale(xg: torch.Tensor, cfg: QuantizerConfig, grid: Grid, rms: torch.Tensor | None = None) -> torch.Tensor:
+    """The config's scale fit of the grouped tensor xg [..., g] (no gradient): [..., 1]."""
+    rms = row_rms(xg) if rms is None else rms
+    return round_scale(SCALE_FITS[cfg.scale](xg, rms, grid), grid, cfg.scale_dtype)
 
 
 def trust_unit(cfg: QuantizerConfig, grid: Grid, scale: torch.Tensor, rms: torch.Tensor) -> torch.Tensor:
@@ -91,8 +105,9 @@ def trust_unit(cfg: QuantizerConfig, grid: Grid, scale: torch.Tensor, rms: torch
     default_trust * s / c is half the outermost step at the scale s actually used. Without that,
     a group-absmax scale (steps wider than c * RMS's) masked ordinary elements near a rounding
     midpoint, and training with a rotation diverged (docs/results.md). An explicit `trust` stays
-    in RMS units; at the rms_mse scale the unit is RMS itself, bit for bit as before."""
-    if cfg.trust is not None or cfg.scale == "rms_mse":
+    in RMS units; at the rms_mse scale refitted in every forward the unit is RMS itself, bit for bit
+    as before (a stored scale no longer equals c * RMS of the weight it meets)."""
+    if cfg.trust is not None or (cfg.scale == "rms_mse" and not cfg.holds_scale):
         return rms
     return scale.detach() / grid.gaussian_scale
 
@@ -134,9 +149,11 @@ def _offset_quantize(x: torch.Tensor, xg: torch.Tensor, cfg: QuantizerConfig, gr
 class Quantizer(nn.Module):
     """Fake quantizer for one tensor (a weight, or a layer's input activations).
 
-    Its only state is the config and, for LSQ / PACT, the learnable scale. Which path runs
-    (fused Triton kernels or `fake_quantize`) is the kernels' one backend decision; the
-    config half of it is made here, once.
+    Its only state is the config and, where the config keeps one, its scale: LSQ / PACT's
+    learnable scalar, or a weight's stored per-row / per-group scale (scale_update frozen or
+    learned, allocated by `hold_scale`). Which path runs (fused Triton kernels or
+    `fake_quantize`) is the kernels' one backend decision; the config half of it is made here,
+    once.
     """
 
     def __init__(self, cfg: QuantizerConfig | Mapping[str, Any] | None = None) -> None:
@@ -151,27 +168,74 @@ class Quantizer(nn.Module):
         if self.cfg.backend == "triton" and self.fused_unsupported:
             raise ValueError(f"backend='triton' does not support {self.fused_unsupported}; use backend='auto' or 'torch'")
 
+    def hold_scale(self, weight_shape: tuple[int, int], device: torch.device | str | None = None) -> None:
+        """Allocate the stored scale of a [N, K] weight (scale_update frozen / learned): [N, 1]
+        per row or [N, K/g, 1] per group, set from the weight on first use (or by GPTQ)."""
+        if not self.cfg.holds_scale:
+            return
+        rows, cols = weight_shape
+        gran = self.cfg.granularity
+        shape = (rows, 1) if gran == "row" else (rows, cols // gran, 1)
+        scale = torch.ones(shape, device=device)
+        if self.cfg.scale_update == "learned":
+            self.scale = nn.Parameter(scale)
+        else:
+            self.register_buffer("scale", scale)
+        self.register_buffer("scale_initialized", torch.zeros((), dtype=torch.bool, device=device))
+
     def extra_repr(self) -> str:
         c = self.cfg
         if not c.enabled:
             return f"bits=16, rotation={c.rotation}"
-        return f"bits={c.bits}, rotation={c.rotation}, grid={c.grid}, scale={c.scale}, estimator={c.estimator}"
+        held = f", scale_update={c.scale_update}" if c.holds_scale else ""
+        return f"bits={c.bits}, rotation={c.rotation}, grid={c.grid}, scale={c.scale}{held}, estimator={c.estimator}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if use_fused(self.cfg, self.fused_unsupported, x):
             return fused_fake_quantize(x, self.cfg, self.grid, with_codes=False).value  # training never reads codes
-        gradient = torch.is_grad_enabled() and (x.requires_grad or self.cfg.learnable_scale)
-        return fake_quantize(x, self.cfg, self.grid, self.learned_scale(x), with_gradient=gradient).value
+        gradient = torch.is_grad_enabled() and (x.requires_grad or self.cfg.learnable_scale or self._trains_held_scale())
+        return fake_quantize(x, self.cfg, self.grid, self.held_scale(x), with_gradient=gradient).value
 
-    def learned_scale(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The learnable scale (initialised from the first batch it sees), or None."""
-        if not self.cfg.learnable_scale:
+    def quantize(self, x: torch.Tensor) -> Quantized:
+        """What the forward computes from x, with codes and scales and no gradient: the
+        exporters', telemetry's and GPTQ's view of it (torch path, the fused kernels' reference)."""
+        return fake_quantize(x, self.cfg, self.grid, self.held_scale(x), with_gradient=False)
+
+    def _trains_held_scale(self) -> bool:
+        return self.cfg.holds_scale and self.scale.requires_grad
+
+    def held_scale(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The scale this quantizer keeps (initialised from x, the first batch or the weight,
+        when never set), or None when it fits one to every input."""
+        if not (self.cfg.learnable_scale or self.cfg.holds_scale):
             return None
         if not bool(self.scale_initialized):
             with torch.no_grad():
                 rotated = rotate(x.detach(), self.cfg)
-                self._init_learnable_scale(row_rms(rotated if rotated.dtype == torch.float64 else rotated.float()))
+                rotated = rotated if rotated.dtype == torch.float64 else rotated.float()
+                if self.cfg.holds_scale:
+                    self.set_held_scale(fit_scale(grouped(rotated, self.cfg.granularity), self.cfg, self.grid))
+                else:
+                    self._init_learnable_scale(row_rms(rotated))
+        if self.cfg.holds_scale:
+            return self.scale
         return self.scale.abs().clamp_min(1e-8)
+
+    def scale_to_export(self, x: torch.Tensor, where: str) -> torch.Tensor | None:
+        """The held scale an exporter writes with x's codes, or None (a fit of x). An LSQ / PACT
+        scale never initialised would be set from the first batch the model sees, which export
+        cannot know, so it is refused; a stored weight scale never set is the weight's own fit,
+        as the first forward would make it."""
+        if self.cfg.learnable_scale and not bool(self.scale_initialized):
+            raise ValueError(f"{where}: the learned scale was never initialised; run the model on data once before exporting")
+        scale = self.held_scale(x)
+        return None if scale is None else scale.detach()
+
+    @torch.no_grad()
+    def set_held_scale(self, scale: torch.Tensor) -> None:
+        """Store a weight's scale (the config's fit, or GPTQ's): [N, 1] or [N, K/g, 1]."""
+        self.scale.copy_(scale.reshape(self.scale.shape))
+        self.scale_initialized.fill_(True)
 
     @torch.no_grad()
     def _init_learnable_scale(self, rms: torch.Tensor) -> None:

@@ -70,7 +70,7 @@ def gradient_alignment(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict
         norm_q, norm_fp = gq.norm(), gf.norm()
         with torch.no_grad():
             quantizer = layer.weight_quantizer
-            passed = fake_quantize(layer.weight, quantizer.cfg, quantizer.grid, quantizer.learned_scale(layer.weight)).grad_mask
+            passed = fake_quantize(layer.weight, quantizer.cfg, quantizer.grid, quantizer.held_scale(layer.weight)).grad_mask
         out[name] = {
             "cos": float(gq @ gf / (norm_q * norm_fp).clamp_min(1e-300)),
             "norm_ratio": float(norm_q / norm_fp.clamp_min(1e-300)),

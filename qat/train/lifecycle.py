@@ -239,6 +239,7 @@ def describe(cfg: QuantizerConfig) -> str:
     extra = [f"g{cfg.granularity}"] if cfg.granularity != "row" else []
     extra += [cfg.sparsity] if cfg.sparsity != "none" else []
     extra += ["asymmetric"] if cfg.asymmetric else []
+    extra += [f"{cfg.scale_update} scale"] if cfg.holds_scale else []
     return " ".join([f"{cfg.bits:g}-bit", cfg.rotation, cfg.scale, cfg.grid, cfg.estimator, *extra])
 
 

@@ -1,8 +1,8 @@
 """AdamW parameter groups: decay only the matmul weights of the transformer blocks.
 
 QuEST (and most LLM recipes) exempt norms, biases, embeddings and the output head. The
-learnable quantizer scales (LSQ/PACT) are exempt too: decaying a step size biases it to
-zero, which is a different method, not a regulariser.
+learnable quantizer scales (LSQ/PACT's scalar, a learned per-group weight scale) are exempt
+too: decaying a step size biases it to zero, which is a different method, not a regulariser.
 """
 
 from __future__ import annotations
@@ -12,7 +12,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-NO_DECAY_MODULES = (nn.Embedding,)
+from qat.quant.quantizer import Quantizer
+
+NO_DECAY_MODULES = (nn.Embedding, Quantizer)
 NO_DECAY_NAMES = ("lm_head",)
 
 

@@ -30,7 +30,7 @@ from qat.train.alignment import alignment_metrics, gradient_alignment
 def quantizer_stats(quantizer: Quantizer, x: torch.Tensor) -> dict[str, float]:
     """Masked fraction and relative squared error of one quantizer on its input x."""
     cfg = quantizer.cfg
-    qz = fake_quantize(x, cfg, quantizer.grid, quantizer.learned_scale(x))
+    qz = fake_quantize(x, cfg, quantizer.grid, quantizer.held_scale(x))
     ref = rotate(x, cfg).double()
     return {
         "masked_fraction": float(1.0 - qz.grad_mask.float().mean()),
