@@ -24,6 +24,10 @@ Arms (--arms picks a subset; they run in this order):
   ours-w4a16-had-g32  full Hadamard + group 32, MSE-optimal RMS scale (4.5 bits per weight)
   ours-w4a16-had-g32-absmax  the same with the group's absmax scale (the trust radius follows
                   the scale: half its outermost step)
+  ours-w4a16-g32-learned  ours-w4a16-g32 with learned ranges: each group's scale starts at its
+                  absmax and is trained (quant.weight.scale_update=learned, LSQ's step gradient)
+  ours-w4a16-had-g32-learned  full Hadamard + group 32, each group's scale fitted once by
+                  mse_search and then learned (4.5 bits per weight)
   ours-w4a16-had  ours at QuEST settings: full Hadamard, MSE-optimal RMS scale, trust
   ours-w4a8-had   estimator, per-row scales; W4A16, W4A8, W4A4
   ours-w4a4-had
@@ -72,6 +76,7 @@ from qat.inference.compare import MIB, ArmRow, agreement, markdown, perplexity, 
 from qat.models.llama import Llama, LlamaConfig
 from qat.quant.config import QuantizerConfig
 from qat.quant.convert import quantize_model
+from qat.quant.linear import set_held_scales
 from qat.train.lifecycle import build_datamodule, check_quantizable
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -131,6 +136,7 @@ def ours_arm(name: str, what: str, weight: QuantizerConfig, activation: Quantize
     def prepare(net: nn.Module) -> None:
         quantize_model(net, weight, activation, filter_fn=block_linear)
         check_quantizable(net)
+        set_held_scales(net)  # learned scales: fitted to the weights before the optimizer takes them
 
     def convert(net: nn.Module, context: dict) -> nn.Module:
         from qat.packed.export import export_packed
@@ -173,6 +179,10 @@ BASE_ARMS = (
     ours_arm("ours-w4a16-had-g32", "ours W4A16, full Hadamard, group 32, trust", QuantizerConfig(bits=4, hadamard_block="full", granularity=GROUP), H16),
     ours_arm("ours-w4a16-had-g32-absmax", "ours W4A16, full Hadamard, group 32, absmax, trust",
              QuantizerConfig(bits=4, hadamard_block="full", granularity=GROUP, scale="absmax"), H16),
+    ours_arm("ours-w4a16-g32-learned", "ours W4A16, group 32, no rotation, absmax start, learned scales, int_zero grid",
+             QuantizerConfig(bits=4, rotation="none", granularity=GROUP, scale="absmax", grid="int_zero", scale_update="learned"), A16),
+    ours_arm("ours-w4a16-had-g32-learned", "ours W4A16, full Hadamard, group 32, mse_search start, learned scales, trust",
+             QuantizerConfig(bits=4, hadamard_block="full", granularity=GROUP, scale="mse_search", scale_update="learned"), H16),
     ours_arm("ours-w4a16-had", "ours W4A16, full Hadamard, trust", _hadamard(4), H16),
     ours_arm("ours-w4a8-had", "ours W4A8, full Hadamard, trust", _hadamard(4), _hadamard(8)),
     ours_arm("ours-w4a4-had", "ours W4A4, full Hadamard, trust", _hadamard(4), _hadamard(4)),

@@ -47,10 +47,12 @@ from qat.train.optim import build_optimizer
 from qat.train.run_config import ConfigError
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: more threads only contend on a shared machine
-PRESETS = ["quest", "gguf_q4_0", "gguf_q4_1", "ct_w4a16_g128", "lsq"]  # W4A4 QuEST, the deployment formats, a learned scale
+# W4A4 QuEST, the deployment formats, a learned scale (LSQ's scalar; learned per-group weight scales)
+PRESETS = ["quest", "gguf_q4_0", "gguf_q4_1", "ct_w4a16_g128", "lsq", "gguf_q4_0 quant.weight.scale_update=learned"]
 
 
 def run_config(*overrides: str) -> dict:
+    overrides = tuple(word for o in overrides for word in o.split())  # a preset may carry its own overrides
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         return OmegaConf.to_container(compose("train", overrides=["model=debug-xs", *overrides]), resolve=True)
 
@@ -178,7 +180,9 @@ def test_step_0_is_the_base_and_only_adapters_and_scales_train(preset):
     adapters = {n for n in trainable if ".lora." in n}
     assert len(adapters) == 2 * 5 and all(n.endswith((".lora.a", ".lora.b")) for n in adapters)
     scales = trainable - adapters
-    assert scales == ({n for n, _ in net.named_parameters() if n.endswith("_quantizer.scale")} if preset == "lsq" else set())
+    learned = preset == "lsq" or "learned" in preset
+    assert scales == ({n for n, _ in net.named_parameters() if n.endswith("_quantizer.scale")} if learned else set())
+    assert not learned or len(scales) >= 5
     frozen = {n for n, p in net.named_parameters() if not p.requires_grad}
     assert frozen == {n for n, _ in base.named_parameters()} - scales  # every weight, embedding, norm and the head
 

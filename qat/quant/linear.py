@@ -161,10 +161,13 @@ def set_held_scales(net: nn.Module) -> list[str]:
     """Fit every stored weight scale (scale_update frozen / learned) not yet set to its layer's
     weight, as the first forward would. train.py calls it once the weights are loaded and before
     a strategy wraps the model: under FSDP a first forward sees only gathered copies. A resume
-    then overwrites the scales with the checkpoint's. Returns the layers it set."""
+    then overwrites the scales with the checkpoint's. A model on the meta device (a free probe of
+    the dims) has nothing to fit. Returns the layers it set."""
     done = []
     for name, module in net.named_modules():
-        if isinstance(module, QuantLinear) and module.weight_quantizer.cfg.holds_scale and not bool(module.weight_quantizer.scale_initialized):
+        if not isinstance(module, QuantLinear) or not module.weight_quantizer.cfg.holds_scale or module.weight.is_meta:
+            continue
+        if not bool(module.weight_quantizer.scale_initialized):
             module.weight_quantizer.held_scale(module.latent_weight())
             done.append(name)
     return done
