@@ -17,7 +17,10 @@ Per arm and batch size:
   that step (gradients, activations, the fake-quantized weights saved for backward,
   temporaries). The profiled step is the second: the first creates AdamW's state, so only
   from the second on does that state live through a forward and backward;
-- **seconds/step**: the median over steps 3..--steps (the first largest batch only).
+- **seconds/step**: the median over steps 3..--steps (the first largest batch only), in wall
+  time, or with `--clock cpu` in this process's CPU time: run with OMP_NUM_THREADS=1, that
+  does not count time other processes take from it, so arms measured on a busy machine stay
+  comparable.
 
 From two batch sizes the peak splits into a part that grows with the batch and an intercept
 that does not; the intercept per parameter projects to a 7B and a 70B Llama (built on the meta
@@ -134,6 +137,7 @@ def measure(args: argparse.Namespace, quant: str, rank: int | None, batch_size: 
         optimizer.zero_grad(set_to_none=True)
         return loss.item()
 
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     losses, seconds, step_peak, optimizer_bytes = [], [], 0, 0
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*self.log.*")  # no Trainer here: logging is a no-op
@@ -144,9 +148,9 @@ def measure(args: argparse.Namespace, quant: str, rank: int | None, batch_size: 
                     losses.append(step())
                 step_peak = profiled_peak_bytes(prof)
                 continue
-            start = time.perf_counter()
+            start = clock()
             losses.append(step())
-            seconds.append(time.perf_counter() - start)
+            seconds.append(clock() - start)
     model_bytes = stored_bytes(net)
     measured = Measured(
         arm="full" if rank is None else f"lora r{rank}",
@@ -269,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[4, 1], help="sequences per batch; the first is timed, two or more split the peak (default 4 1)")
     p.add_argument("--steps", type=int, default=6, help="steps per arm at the first batch size (default 6: 3..6 timed)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="seconds/step in wall time (default) or this process's CPU time")
     p.add_argument("--override", nargs="*", default=[], help="more train.py overrides for every arm (e.g. quant.weight.group_size=64)")
     p.add_argument("--out", required=True, help="directory for bench_lora.json and bench_lora.md")
     args = p.parse_args(argv)
@@ -289,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     table = markdown(rows, projected)
-    meta = dict(command=" ".join(["python", "scripts/bench_lora.py", *(argv if argv is not None else sys.argv[1:])]), torch=torch.__version__, threads=torch.get_num_threads())
+    meta = dict(command=" ".join(["python", "scripts/bench_lora.py", *(argv if argv is not None else sys.argv[1:])]), torch=torch.__version__,
+                threads=torch.get_num_threads(), clock=args.clock)  # fmt: skip
     atomic_write_json(out / "bench_lora.json", dict(meta, rows=[asdict(r) for r in rows], projected=projected))
     atomic_write_text(out / "bench_lora.md", table)
     print(table)

@@ -516,9 +516,10 @@ def test_bench_lora_measures_what_the_arms_hold(hf_base, tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("".join(f"document {i} says the cow eats grass number {i}\n" for i in range(300)))
     argv = ["--model", str(hf_base), "--data", str(corpus), "--quant", "gguf_q4_0", "--ranks", "4", "--seq-len", "16",
-            "--batch-sizes", "2", "1", "--steps", "3", "--out", str(tmp_path / "out")]  # fmt: skip
+            "--batch-sizes", "2", "1", "--steps", "3", "--clock", "cpu", "--out", str(tmp_path / "out")]  # fmt: skip
     assert script_main("bench_lora")(argv) == 0
     report = json.loads((tmp_path / "out" / "bench_lora.json").read_text())
+    assert report["clock"] == "cpu"
     rows = {(r["arm"], r["batch_size"]): r for r in report["rows"]}
     full, lora = rows["full", 2], rows["lora r4", 2]
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
