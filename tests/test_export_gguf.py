@@ -474,9 +474,9 @@ needs_llama_cpp = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is No
 
 
 def llama_cpp_model(path: Path, n_ctx: int):
-    import llama_cpp
+    from qat.inference.llama_cpp import load_llama
 
-    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=1, seed=0)
+    return load_llama(path, n_ctx, threads=1, logits_all=True)
 
 
 @pytest.mark.slow

@@ -78,3 +78,21 @@ def test_bad_input_is_one_line_before_any_work(runs, tmp_path, capsys):
     line = refused(capsys, main, "--baseline-ckpt", str(runs["bf16"]), "--qat-ckpt", str(runs["gguf_q4_0"]), "--type", "q4_1", *common)
     assert "has 4-bit weights; this arm needs 4-bit asymmetric (train it with quant=gguf_q4_1)" in line
     assert not (tmp_path / "o").exists()
+
+
+def test_extra_buffer_types_are_off_only_where_the_cpu_reports_amx(tmp_path, monkeypatch):
+    """On an AMX-reporting VM llama.cpp's repacked weights crashed its decode (a general
+    protection fault); there models load with use_extra_bufts = false, elsewhere as llama.cpp
+    defaults, and the wrapped default-params function is restored afterwards."""
+    from qat.inference import llama_cpp as ours
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("flags\t\t: fpu avx512f amx_bf16 amx_tile amx_int8\n")
+    assert ours.reports_amx(cpuinfo) and not ours.reports_amx(tmp_path / "absent")
+    cpuinfo.write_text("flags\t\t: fpu avx2 avx512f\n")
+    assert not ours.reports_amx(cpuinfo)
+    llama_cpp = pytest.importorskip("llama_cpp")
+    default = llama_cpp.llama_cpp.llama_model_default_params
+    with ours._without_extra_buffer_types(llama_cpp):
+        assert llama_cpp.llama_cpp.llama_model_default_params().use_extra_bufts is False
+    assert llama_cpp.llama_cpp.llama_model_default_params is default and default().use_extra_bufts is True

@@ -61,11 +61,48 @@ def quantize_gguf(src: str | Path, out: str | Path, target: str = "q4_0", embedd
     return out
 
 
+def reports_amx(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
+    """Whether the CPU reports Intel AMX tiles (False where /proc/cpuinfo cannot be read)."""
+    try:
+        return "amx_tile" in Path(cpuinfo).read_text()
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _without_extra_buffer_types(llama_cpp: Any) -> Iterator[None]:
+    """Models loaded inside get llama_model_params.use_extra_bufts = false (llama-cpp-python's
+    Llama takes no argument for it, so its default-params function is wrapped meanwhile)."""
+    module = llama_cpp.llama_cpp
+    default = module.llama_model_default_params
+
+    def params() -> Any:
+        out = default()
+        out.use_extra_bufts = False
+        return out
+
+    module.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        module.llama_model_default_params = default
+
+
+def load_llama(path: str | Path, n_ctx: int, threads: int = 1, logits_all: bool = False) -> Any:
+    """A GGUF in llama.cpp (llama_cpp.Llama; the caller closes it). Where the CPU reports AMX,
+    the weights are not repacked into llama.cpp's extra buffer types: on a 2-core Xeon VM that
+    reports AMX (llama-cpp-python 0.3.36 built there), decoding a Q4_0 file through them died in
+    a general protection fault inside libggml-cpu, and without them it runs. The plain CPU
+    kernels compute the same quantized dot products."""
+    llama_cpp = require_llama_cpp()
+    plain = _without_extra_buffer_types(llama_cpp) if reports_amx() else contextlib.nullcontext()
+    with quiet_native_stderr(), plain:
+        return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=logits_all, n_threads=threads, verbose=False, seed=0)
+
+
 @contextlib.contextmanager
 def opened(path: str | Path, n_ctx: int, threads: int, logits_all: bool = False) -> Iterator[Any]:
-    llama_cpp = require_llama_cpp()
-    with quiet_native_stderr():
-        llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=logits_all, n_threads=threads, verbose=False, seed=0)
+    llm = load_llama(path, n_ctx, threads, logits_all)
     try:
         yield llm
     finally:
