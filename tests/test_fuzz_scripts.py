@@ -215,6 +215,13 @@ CASES = [
         (["--ranks", "0"], "--ranks 0 is not allowed"), (["--batch-sizes", "2", "2"], "--batch-sizes 2 2 repeats a value"),
         (["--steps", "2"], "--steps 2 is too few"), (["--quant", "nope"], "Could not find 'quant/nope'"),
         (["--ranks", "5000", "--seq-len", "16"], "lora.rank=5000 is larger than min(in, out)"))),
+    *(case("bench_scale_fit", "--model", f"IN/{bad}", "--out", "OUT/f", says=f"{bad}' is not a save_pretrained directory") for bad in ("missing", "model.gguf", "noise.json")),
+    *(case("bench_scale_fit", "--model", "IN/hf", "--out", "OUT/f", *argv, says=says) for argv, says in (
+        (["--arms", "absmax:often"], "--arms 'absmax:often' is not allowed"), (["--arms", "lsq:refit"], "--arms 'lsq:refit' is not allowed"),
+        (["--arms", "absmax:refit", "absmax:refit"], "repeats an arm"), (["--rounds", "0"], "--rounds 0 is not allowed"),
+        (["--step-seconds", "0"], "--step-seconds 0.0 is not allowed"), (["--quant", "nope"], "Could not find 'quant/nope'"),
+        (["--quant", "bf16"], "--quant bf16 quantizes no weight"),
+        (["--quant", "gguf_q4_1", "--arms", "absmax:frozen"], "scale_update='frozen' is not allowed with asymmetric=true"))),
     *(case("compare_torchao", "--model", f"IN/{bad}", "--data", "IN/corpus.jsonl", "--out", "OUT/c", "--seq-len", "16", "--arms", "unquantized", says=says)
       for bad, says in NOT_A_HF_DIR if bad != "packed"),
     case("compare_torchao", "--model", "IN/packed", "--data", "IN/corpus.jsonl", "--out", "OUT/c", "--seq-len", "16", "--arms", "unquantized", says="packed/tokenizer.json' does not exist"),

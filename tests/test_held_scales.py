@@ -165,3 +165,22 @@ def test_gptq_with_a_stored_scale_keeps_its_codes_exactly(weight, tmp_path):
     for name, m in fresh.named_modules():
         if isinstance(m, QuantLinear):
             assert torch.equal(m.weight_quantizer.quantize(m.weight).codes, codes[name]), name
+
+
+def test_bench_scale_fit_times_every_arm(tmp_path):
+    """scripts/bench_scale_fit.py on debug-xs: one row per arm in order, the first the reference,
+    and the per-forward search (101 roundings of every weight) slower than a stored scale."""
+    import json
+
+    from test_fuzz_scripts import script_main
+
+    argv = ["--model", "debug-xs", "--arms", "absmax:refit", "mse_search:refit", "absmax:frozen", "mse_search:learned",
+            "--rounds", "2", "--step-seconds", "2.0", "--out", str(tmp_path / "out")]  # fmt: skip
+    assert script_main("bench_scale_fit")(argv) == 0
+    report = json.loads((tmp_path / "out" / "bench_scale_fit.json").read_text())
+    rows = {r["arm"]: r for r in report["rows"]}
+    assert list(rows) == ["absmax:refit", "mse_search:refit", "absmax:frozen", "mse_search:learned"]
+    assert all(len(r["rounds"]) == 2 and r["seconds"] > 0 for r in rows.values())
+    assert rows["mse_search:refit"]["seconds"] > rows["absmax:frozen"]["seconds"]
+    assert report["layers"] == 5 and report["step_seconds"] == 2.0  # debug-xs: one block of 5 linears
+    assert "| absmax:refit |" in (tmp_path / "out" / "bench_scale_fit.md").read_text()
