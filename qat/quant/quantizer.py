@@ -73,8 +73,8 @@ def fake_quantize(
     rounding_only = not with_gradient and cfg.estimator in ROUNDING_FORWARD
     if cfg.asymmetric:
         return _offset_quantize(x, xg, cfg, grid, keep, rounding_only)
-    with torch.no_grad():
-        rms = row_rms(xg)
+    with torch.no_grad():  # a pass over the tensor that absmax and stored scales do not need
+        rms = row_rms(xg) if reads_rms(cfg, fitting=scale is None) else None
     if scale is None:
         if cfg.learnable_scale:
             raise ValueError("scale='lsq' is learned: pass the quantizer's scale (Quantizer.held_scale)")
@@ -92,13 +92,19 @@ def fake_quantize(
     return _finish(x, xg, qz, keep, scale.detach())
 
 
+def reads_rms(cfg: QuantizerConfig, fitting: bool) -> bool:
+    """Whether a call reads the row RMS: the Gaussian fits (rms_mse, and mse_search's first
+    candidate) when the scale is fitted, and the trust radius when it is in RMS units."""
+    return (fitting and cfg.scale != "absmax") or cfg.trust is not None or (cfg.scale == "rms_mse" and not cfg.holds_scale)
+
+
 def fit_scale(xg: torch.Tensor, cfg: QuantizerConfig, grid: Grid, rms: torch.Tensor | None = None) -> torch.Tensor:
     """The config's scale fit of the grouped tensor xg [..., g] (no gradient): [..., 1]."""
-    rms = row_rms(xg) if rms is None else rms
+    rms = row_rms(xg) if rms is None and cfg.scale != "absmax" else rms  # absmax reads no RMS
     return round_scale(SCALE_FITS[cfg.scale](xg, rms, grid), grid, cfg.scale_dtype)
 
 
-def trust_unit(cfg: QuantizerConfig, grid: Grid, scale: torch.Tensor, rms: torch.Tensor) -> torch.Tensor:
+def trust_unit(cfg: QuantizerConfig, grid: Grid, scale: torch.Tensor, rms: torch.Tensor | None) -> torch.Tensor:
     """What the trust radius is a multiple of. QuEST's default radius is half the outermost grid
     step at the Gaussian-optimal scale c * RMS, in RMS units. Under another scale fit (absmax,
     mse_search) the grid's steps are that scale's, so the default radius follows it:
