@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", choices=["auto", "torch", "triton", "cpu"], default="auto",
                    help="a packed model's kernels: auto = Triton on CUDA, the int4 kernel path on the CPU (cpu), torch = the reference; triton on the CPU needs TRITON_INTERPRET=1")
     p.add_argument("overrides", nargs="*", help="data overrides, e.g. data=local data.path=valid.jsonl")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # overrides may stand before and after the options
     try:
         if args.hellaswag and not Path(args.hellaswag).is_file():
             raise ValueError(f"--hellaswag={args.hellaswag!r} does not exist")

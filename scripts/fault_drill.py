@@ -94,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="fault_drill.json")
     ap.add_argument("overrides", nargs="*", help="train.py overrides, e.g. model=debug-xs data.batch_size=8")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # overrides may stand before and after the options
     if args.kills < 1 or args.steps < 10:
         print(f"error: --kills={args.kills} must be >= 1 and --steps={args.steps} >= 10", file=sys.stderr)
         return 2

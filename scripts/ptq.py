@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--damp", type=float, default=0.01, help="GPTQ: dampening, a share of the mean Hessian diagonal")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.add_argument("overrides", nargs="*", help="train.py overrides: quant=..., quant.bits=4, data=local data.path=...")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # overrides may stand before and after the options
     try:
         if args.method not in METHODS:
             raise ValueError(f"--method={args.method!r} is not a method; use one of {', '.join(METHODS)}")

@@ -77,8 +77,9 @@ def test_gptq_with_frozen_scales_keeps_every_code(hf_dir, tmp_path):
     forward reproduces every code it chose (refitted, a few per cent differ)."""
     import torch
 
-    proc = run("scripts/ptq.py", "--model", str(hf_dir), "--method", "gptq", "--calibration-batches", "2", "--out", "kept.ckpt",
-               *ROTATED, *DATA, "quant.weight.scale_update=frozen", cwd=tmp_path)  # fmt: skip
+    # Overrides on both sides of the options, as a user may write them.
+    proc = run("scripts/ptq.py", "--model", str(hf_dir), "--method", "gptq", *ROTATED, "--calibration-batches", "2", "--out", "kept.ckpt",
+               *DATA, "quant.weight.scale_update=frozen", cwd=tmp_path)  # fmt: skip
     assert "codes the forward reproduces: >= 100.00% per layer" in proc.stdout
     saved = torch.load(tmp_path / "kept.ckpt", weights_only=True)
     assert all(r["code_agreement"] == 1.0 for r in saved["ptq"]["layers"].values())
