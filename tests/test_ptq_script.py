@@ -47,6 +47,10 @@ def test_rtn_gptq_evaluate_export_and_qat_from_gptq(hf_dir, tmp_path):
 
     saved = torch.load(tmp_path / "gptq.ckpt", weights_only=True)
     assert saved["ptq"]["method"] == "gptq" and saved["ptq"]["calibration_tokens"] == 3 * 4 * 32
+    # GPTQ keeps its codes by default: the scale it rounded with is stored; RTN refits as configured.
+    assert "GPTQ stores the scale it rounds with" in gptq.stdout and "GPTQ stores" not in rtn.stdout
+    assert saved["config"]["quant"]["weight"]["scale_update"] == "frozen"
+    assert all(r["code_agreement"] == 1.0 for r in saved["ptq"]["layers"].values())
     layers = saved["ptq"]["layers"]
     assert len(layers) == 2 * 5 and all(r["output_error_gptq"] < r["output_error_rtn"] for r in layers.values())
 
@@ -72,18 +76,24 @@ def test_rtn_gptq_evaluate_export_and_qat_from_gptq(hf_dir, tmp_path):
     assert saved["config"]["quant"]["activation"]["bits"] == 16 and saved["config"]["model"]["path"] == str(hf_dir)
 
 
-def test_gptq_with_frozen_scales_keeps_every_code(hf_dir, tmp_path):
-    """quant.weight.scale_update=frozen: GPTQ rounds with the stored scale and keeps it, so the
-    forward reproduces every code it chose (refitted, a few per cent differ)."""
+def test_gptq_keeps_every_code_unless_told_to_refit(hf_dir, tmp_path):
+    """By default (and with scale_update=learned) GPTQ rounds with the stored scale and keeps it,
+    so the forward reproduces every code it chose; scale_update=refit on the command line refits
+    the scale in every forward, and a few per cent of the codes differ."""
     import torch
 
     # Overrides on both sides of the options, as a user may write them.
     proc = run("scripts/ptq.py", "--model", str(hf_dir), "--method", "gptq", *ROTATED, "--calibration-batches", "2", "--out", "kept.ckpt",
-               *DATA, "quant.weight.scale_update=frozen", cwd=tmp_path)  # fmt: skip
-    assert "codes the forward reproduces: >= 100.00% per layer" in proc.stdout
+               *DATA, "quant.weight.scale_update=learned", cwd=tmp_path)  # fmt: skip
+    assert "codes the forward reproduces: >= 100.00% per layer" in proc.stdout and "GPTQ stores" not in proc.stdout
     saved = torch.load(tmp_path / "kept.ckpt", weights_only=True)
     assert all(r["code_agreement"] == 1.0 for r in saved["ptq"]["layers"].values())
     assert sum(k.endswith("weight_quantizer.scale") for k in saved["state_dict"]) == 2 * 5
+    run("scripts/ptq.py", "--model", str(hf_dir), "--method", "gptq", "--calibration-batches", "2", "--out", "refit.ckpt",
+        *ROTATED, *DATA, "quant.weight.scale_update=refit", cwd=tmp_path)  # fmt: skip
+    saved = torch.load(tmp_path / "refit.ckpt", weights_only=True)
+    assert saved["config"]["quant"]["weight"]["scale_update"] == "refit"
+    assert min(r["code_agreement"] for r in saved["ptq"]["layers"].values()) < 1.0
 
 
 @pytest.mark.parametrize(
