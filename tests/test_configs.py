@@ -174,3 +174,13 @@ def test_an_experiment_keeps_the_quant_preset_a_user_picks():
     cfg = _compose("experiment=qat_finetune", "model.path=x", "quant=bf16")
     assert cfg.quant.weight.bits == cfg.quant.activation.bits == 16
     assert _compose("experiment=qat_finetune", "model.path=x").quant.weight.bits == 4
+
+
+@pytest.mark.parametrize("data", ["synthetic", "local"])
+def test_the_runs_seed_sets_the_data_order_unless_data_seed_is_given(data):
+    """A second seed of a fine-tune from fixed pretrained weights differs only in its data order:
+    `seed=1` alone must change it (it once changed nothing there), `data.seed` still wins."""
+    def resolved(*overrides):
+        return OmegaConf.to_container(_compose(f"data={data}", *overrides), resolve=True)["data"]["seed"]
+
+    assert resolved() == 0 and resolved("seed=1") == 1 and resolved("seed=1", "data.seed=5") == 5
