@@ -48,6 +48,8 @@ def test_checkpoint_and_model_scripts_run_from_another_directory(quantized_run, 
     assert (elsewhere / "sens.csv").read_text().count("\n") > 1
     script("grad_alignment.py", "--ckpt", ckpt, "--batches", "1", "--out", "align.json", cwd=elsewhere)
     assert json.loads((elsewhere / "align.json").read_text())
+    script("bench_scale_fit.py", "--model", "debug-xs", "--rounds", "1", "--out", "fits", cwd=elsewhere)
+    assert json.loads((elsewhere / "fits" / "bench_scale_fit.json").read_text())["rows"]
 
 
 def test_a_wheel_install_keeps_hugging_faces_kernels(tmp_path):
